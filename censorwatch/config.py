@@ -1,0 +1,263 @@
+"""One typed ``Settings`` for every command, validated at start-up.
+
+Values come from, highest priority first: keyword arguments, ``CENSORWATCH_*`` environment variables (nested
+fields with ``__``, e.g. ``CENSORWATCH_SLACK__CHANNEL``), the YAML config file named by ``CENSORWATCH_CONFIG_FILE``
+(or ``--config``), then the defaults below. Secrets are ``SecretStr``: required only when their sink is enabled,
+never defaulted, never logged; each may also be read from a file (``*_file``), as Docker secrets are mounted.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from censorwatch.topics import Topics
+
+DEFAULT_TESTS = [
+    "web_connectivity",
+    "signal",
+    "telegram",
+    "whatsapp",
+    "facebook_messenger",
+    "psiphon",
+    "riseupvpn",
+    "tor",
+]
+CONFIG_FILE_ENV = "CENSORWATCH_CONFIG_FILE"
+
+
+def _read_secret_file(path: Path | None, current: SecretStr | None) -> SecretStr | None:
+    if current is not None or path is None:
+        return current
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+    if not value:
+        raise ValueError(f"secret file {path} is empty")
+    return SecretStr(value)
+
+
+class SlackSettings(BaseModel):
+    """Slack Web API delivery (bot token, ``chat.postMessage``)."""
+
+    enabled: bool = False
+    token: SecretStr | None = Field(default=None, description="bot token xoxb-…; required when enabled")
+    token_file: Path | None = Field(default=None, description="file holding the bot token (Docker secret)")
+    channel: str = Field(default="#censorship-alerts", min_length=1)
+    base_url: str = Field(default="https://slack.com/api/", description="Slack Web API base URL")
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    max_retry_seconds: float = Field(default=120.0, gt=0, description="give up (dead-letter) after this long")
+
+    @model_validator(mode="after")
+    def _token_when_enabled(self) -> SlackSettings:
+        self.token = _read_secret_file(self.token_file, self.token)
+        if self.enabled and self.token is None:
+            raise ValueError("slack is enabled but no token is set (CENSORWATCH_SLACK__TOKEN or token_file)")
+        if not self.base_url.endswith("/"):
+            self.base_url += "/"
+        return self
+
+
+class EmailSettings(BaseModel):
+    """SMTP delivery (multipart text + HTML)."""
+
+    enabled: bool = False
+    smtp_host: str = "localhost"
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    starttls: bool = True
+    ssl: bool = Field(default=False, description="implicit TLS (port 465) instead of STARTTLS")
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    sender: str = "censorwatch@localhost"
+    recipients: list[str] = Field(default_factory=list)
+    timeout_seconds: float = Field(default=15.0, gt=0)
+    max_retry_seconds: float = Field(default=600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _complete_when_enabled(self) -> EmailSettings:
+        self.password = _read_secret_file(self.password_file, self.password)
+        if self.enabled:
+            if not self.recipients:
+                raise ValueError("email is enabled but no recipients are set")
+            if self.username and self.password is None:
+                raise ValueError("email username is set but no password (CENSORWATCH_EMAIL__PASSWORD)")
+        for address in [self.sender, *self.recipients]:
+            if "@" not in address or any(c in address for c in "\r\n<>,;"):
+                raise ValueError(f"not a plain e-mail address: {address!r}")
+        return self
+
+
+class MetricsSettings(BaseModel):
+    """Where each process serves Prometheus metrics; 0 disables that endpoint."""
+
+    host: str = "127.0.0.1"
+    poller_port: int = Field(default=9464, ge=0, le=65535)
+    worker_port: int = Field(default=9465, ge=0, le=65535)
+    dispatcher_port: int = Field(default=9466, ge=0, le=65535)
+
+
+class DetectionSettings(BaseModel):
+    """Knobs of the detection engine (see docs/detection.md for what each means and how to tune it)."""
+
+    min_measurements: int = Field(default=5, ge=1, description="evidence floor: measurements per series")
+    min_probes: int = Field(default=2, ge=1, description="evidence floor: distinct probe runs per series")
+    window_hours: float = Field(default=48.0, gt=0, description="rolling window of evidence per series")
+    open_threshold: float = Field(default=0.5, gt=0, le=1, description="open when the share's lower bound ≥")
+    close_threshold: float = Field(default=0.2, ge=0, lt=1, description="clear when the share's upper bound ≤")
+    confidence_z: float = Field(default=1.64, gt=0, description="z of the Wilson interval (1.64 ≈ 90 %)")
+    min_open_seconds: float = Field(default=3600.0, ge=0, description="hysteresis in time before resolving")
+    confirmed_opens: bool = Field(default=True, description="a confirmed measurement opens an event at once")
+    warmup_hours: float = Field(default=6.0, ge=0, description="series blocked in the warm-up: 'already blocked'")
+    revision_window_hours: float = Field(default=72.0, ge=0, description="late data within this revises")
+    future_skew_seconds: float = Field(default=3600.0, ge=0, description="clamp start times beyond now+this")
+    outage_min_targets: int = Field(default=5, ge=2, description="targets failing at once on an ASN = outage")
+    outage_share: float = Field(default=0.8, gt=0, le=1, description="share of an ASN's targets failing")
+    coverage_gap_hours: float = Field(default=12.0, gt=0, description="silent watched ASN raises a notice")
+    max_alerts_per_run: int = Field(default=50, ge=1, description="cap per evaluation; the rest is recorded")
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> DetectionSettings:
+        if self.close_threshold >= self.open_threshold:
+            raise ValueError("close_threshold must be below open_threshold (hysteresis)")
+        return self
+
+
+class Settings(BaseSettings):
+    """Everything censorwatch can be told. ``censorwatch check-config`` prints every problem at once."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CENSORWATCH_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    config_file: Path | None = Field(default=None, description="YAML file with lists and nested sections")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    state_dir: Path = Field(default=Path("var"), description="local state (Faust tables, embedded broker logs)")
+
+    # Kafka
+    kafka_bootstrap: str | None = Field(
+        default=None, description="host:port[,host:port]; unset = start the embedded Tansu broker"
+    )
+    embedded_broker_port: int = Field(default=9092, ge=1, le=65535)
+    topic_prefix: str = Field(default="censorwatch", pattern=r"^[A-Za-z0-9._-]*$")
+    topic_partitions: int = Field(default=4, ge=1)
+    topic_replication: int = Field(default=1, ge=1)
+    kafka_session_timeout_seconds: float = Field(default=10.0, ge=6.0)
+
+    # OONI poller
+    countries: list[str] = Field(default_factory=lambda: ["KH"], min_length=1)
+    test_names: list[str] = Field(default_factory=lambda: list(DEFAULT_TESTS), min_length=1)
+    ooni_api_url: str = Field(default="https://api.ooni.io", pattern=r"^https?://[^\s/]+")
+    poll_interval_seconds: float = Field(default=60.0, ge=1.0)
+    poll_lookback_seconds: float = Field(
+        default=6 * 3600.0, ge=0, description="re-ask this far behind the cursor for late uploads"
+    )
+    poll_start: datetime | None = Field(default=None, description="first start: poll from here (UTC)")
+    poll_initial_lookback_seconds: float = Field(default=24 * 3600.0, ge=0)
+    poll_page_size: int = Field(default=500, ge=1, le=10000)
+    http_timeout_seconds: float = Field(default=30.0, gt=0)
+    http_max_backoff_seconds: float = Field(default=600.0, gt=0)
+    user_agent: str = "censorwatch/0.1 (+https://github.com/censorwatch)"
+
+    # Detection, delivery, metrics
+    detection: DetectionSettings = Field(default_factory=DetectionSettings)
+    console: bool = Field(default=True, description="log every notification on the console")
+    slack: SlackSettings = Field(default_factory=SlackSettings)
+    email: EmailSettings = Field(default_factory=EmailSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    deadletter_max_ratio: float = Field(
+        default=0.5, gt=0, le=1, description="stop when more than this share of recent input is dead-lettered"
+    )
+
+    @field_validator("countries")
+    @classmethod
+    def _country_codes(cls, value: list[str]) -> list[str]:
+        out = []
+        for cc in value:
+            code = cc.strip().upper()
+            if len(code) != 2 or not code.isalpha() or not code.isascii():
+                raise ValueError(f"not a two-letter country code: {cc!r}")
+            out.append(code)
+        return out
+
+    @field_validator("test_names")
+    @classmethod
+    def _test_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or not all(c.islower() or c.isdigit() or c == "_" for c in name):
+                raise ValueError(f"not an OONI test name: {name!r}")
+        return value
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(prefix=self.topic_prefix)
+
+    @property
+    def embedded(self) -> bool:
+        return self.kafka_bootstrap is None
+
+    def bootstrap(self) -> str:
+        """The bootstrap servers in use (the embedded broker's address when none is configured)."""
+        return self.kafka_bootstrap or f"127.0.0.1:{self.embedded_broker_port}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        init_kwargs: dict[str, Any] = getattr(init_settings, "init_kwargs", {})
+        path = init_kwargs.get("config_file") or os.environ.get(CONFIG_FILE_ENV)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path:
+            if not Path(path).is_file():
+                raise ConfigError([f"config_file: no such file: {path}"])
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+
+class ConfigError(Exception):
+    """Every configuration problem at once, one line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def describe_errors(exc: ValidationError) -> list[str]:
+    """Turn a pydantic error into lines that name the field, what is wrong, and the env var to set."""
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = [str(p) for p in err["loc"]]
+        field = ".".join(loc) or "(settings)"
+        env = "CENSORWATCH_" + "__".join(p.upper() for p in loc) if loc else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{field}: {msg}" + (f"  [env {env}]" if env else ""))
+    return lines
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build and validate the settings, raising ``ConfigError`` with every problem listed."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc)) from None
+    except (OSError, ValueError) as exc:  # unreadable or malformed YAML
+        raise ConfigError([f"config_file: {exc}"]) from None

@@ -1,0 +1,63 @@
+"""Shared fixtures: one real Tansu broker per test session (loopback), settings pointing at it, data paths."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from censorwatch.broker import EmbeddedBroker
+from censorwatch.config import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never pick up a developer's CENSORWATCH_* environment."""
+    for key in list(os.environ):
+        if key.startswith("CENSORWATCH_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"shared data folder missing: {SHARED}")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    """One real Kafka-protocol broker (Tansu, memory storage) for the whole session."""
+    log_file = tmp_path_factory.mktemp("broker") / "broker.log"
+    b = EmbeddedBroker(free_port(), log_file).start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture
+def kafka_settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
+    """Settings on the session broker with a topic prefix of their own, so tests never see each other's data."""
+    return load_settings(
+        kafka_bootstrap=broker.bootstrap,
+        topic_prefix=f"t{uuid.uuid4().hex[:10]}",
+        topic_partitions=2,
+        kafka_session_timeout_seconds=6.0,
+        state_dir=tmp_path / "state",
+        metrics={"poller_port": 0, "worker_port": 0, "dispatcher_port": 0},
+    )
