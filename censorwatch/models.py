@@ -61,6 +61,9 @@ class Measurement(Wire):
     confirmed: bool = False
     failure: bool = False
     blocking_type: str | None = Field(default=None, description="scores.analysis.blocking_type")
+    confirmed_by: str | None = Field(
+        default=None, description="fingerprint that confirmed it locally (enrichment), e.g. 'dns:36.37.242.94'"
+    )
     fetched_at: datetime | None = Field(default=None, description="when the poller fetched it")
 
     @property
