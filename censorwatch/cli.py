@@ -55,6 +55,19 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     return run(_settings(args))
 
 
+def cmd_create_topics(args: argparse.Namespace) -> int:
+    """Create every topic (partitions, compaction) on the configured cluster: a one-shot production step."""
+    from censorwatch.bus import ensure_topics
+
+    settings = _settings(args)
+    if settings.embedded:
+        print("censorwatch: create-topics needs CENSORWATCH_KAFKA_BOOTSTRAP", file=sys.stderr)
+        return 2
+    ensure_topics(settings)
+    print(f"topics ready on {settings.bootstrap()} ({settings.topic_partitions} partitions)")
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from services.replay import run
 
@@ -132,6 +145,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "worker": (cmd_worker, "run the Faust stream processor (detection)"),
     "dispatch": (cmd_dispatch, "deliver events to console, Slack and email"),
     "check-config": (cmd_check_config, "validate the settings and print every problem"),
+    "create-topics": (cmd_create_topics, "create the Kafka topics if missing (production one-shot step)"),
 }
 
 

@@ -106,6 +106,9 @@ class MetricsSettings(BaseModel):
     poller_port: int = Field(default=9464, ge=0, le=65535)
     worker_port: int = Field(default=9465, ge=0, le=65535)
     dispatcher_port: int = Field(default=9466, ge=0, le=65535)
+    series_cap: int = Field(
+        default=2000, ge=0, description="most per (cc, ASN, target) series one worker exposes (bound)"
+    )
 
 
 class DetectionSettings(BaseModel):
