@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="push recorded measurements (JSONL or saved API pages) onto the topic")
     replay.add_argument("files", nargs="+", metavar="FILE")
     replay.set_defaults(func=cmd_replay)
+    from reports.cli import add_parser as add_report_parser
+
+    add_report_parser(sub)
     return parser
 
 

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -58,6 +58,9 @@ class SlackSettings(BaseModel):
     base_url: str = Field(default="https://slack.com/api/", description="Slack Web API base URL")
     timeout_seconds: float = Field(default=10.0, gt=0)
     max_retry_seconds: float = Field(default=120.0, gt=0, description="give up (dead-letter) after this long")
+    min_interval_seconds: float = Field(
+        default=1.0, ge=0, description="pace per channel between Slack calls (Slack allows about 1 message/s)"
+    )
 
     @model_validator(mode="after")
     def _token_when_enabled(self) -> SlackSettings:
@@ -137,6 +140,94 @@ class DetectionSettings(BaseModel):
         return self
 
 
+class EnrichSettings(BaseModel):
+    """Local confirmation of anomalies from raw measurement bodies (DNS block answers, block pages).
+
+    Each fetch costs API quota (``/api/v1/raw_measurement``), so it is limited to a few countries and tests and
+    to a budget per poll round; what the budget skips stays an (unconfirmed) anomaly.
+    """
+
+    enabled: bool = True
+    countries: list[str] = Field(default_factory=lambda: ["KH"], description="countries to enrich")
+    test_names: list[str] = Field(default_factory=lambda: ["web_connectivity"])
+    max_fetches_per_round: int = Field(default=20, ge=0, description="raw bodies fetched per poll round")
+
+
+class AlertMatch(BaseModel):
+    """Which events a route or a silence applies to: every listed field must match (a list means any of)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cc: list[str] = Field(default_factory=list, description="country codes")
+    kind: list[str] = Field(default_factory=list, description="target_blocked | network_outage | coverage_gap")
+    action: list[str] = Field(default_factory=list, description="opened | updated | revised | resolved")
+    state: list[Literal["open", "resolved"]] = Field(default_factory=list)
+    category: list[str] = Field(default_factory=list, description="Citizen Lab category codes")
+    watch: list[str] = Field(default_factory=list, description="watch window labels (Event.watch)")
+    severity: list[str] = Field(default_factory=list, description="info | warning | critical")
+    target: list[str] = Field(default_factory=list, description="shell patterns, e.g. '*.rfa.org'")
+    asn: list[int] = Field(default_factory=list, description="an event matches if any of its networks is listed")
+    simulated: bool | None = None
+
+
+class AlertRoute(BaseModel):
+    """Events matching ``match`` go to ``receivers``: 'console', 'slack:#channel', 'email:<list or address>'."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    match: AlertMatch = Field(default_factory=AlertMatch)
+    receivers: list[str] = Field(min_length=1)
+    continue_matching: bool = Field(default=False, alias="continue", description="also try the next routes")
+    language: Literal["en", "km"] | None = None
+    group_wait_seconds: float | None = Field(default=None, ge=0)
+    group_interval_seconds: float | None = Field(default=None, ge=0)
+    repeat_interval_seconds: float | None = Field(default=None, ge=0)
+
+    @field_validator("receivers")
+    @classmethod
+    def _receiver_syntax(cls, value: list[str]) -> list[str]:
+        for r in value:
+            sink, _, name = r.partition(":")
+            if not (r == "console" or (sink in ("slack", "email") and name.strip())):
+                raise ValueError(f"receiver {r!r} is not 'console', 'slack:<channel>' or 'email:<list|address>'")
+        return value
+
+
+class DigestSettings(BaseModel):
+    """The daily email digest per recipient (opened, changed, resolved, coverage gaps, silenced)."""
+
+    enabled: bool = False
+    hour_utc: int = Field(default=6, ge=0, le=23, description="send each day at this hour (UTC)")
+    receivers: list[str] = Field(default_factory=list, description="email receivers; empty = all of them")
+
+
+class AlertsSettings(BaseModel):
+    """Routing, grouping, silences, heartbeat and digest of the dispatcher (see docs/alerts.md)."""
+
+    language: Literal["en", "km"] = "en"
+    templates_dir: Path | None = Field(default=None, description="edited templates (falls back to shipped)")
+    routes: list[AlertRoute] = Field(default_factory=list, description="empty = every enabled sink gets all")
+    email_lists: dict[str, list[str]] = Field(default_factory=dict, description="name -> addresses")
+    group_wait_seconds: float = Field(default=0.0, ge=0, description="wait before an event's first notice")
+    group_interval_seconds: float = Field(default=0.0, ge=0, description="least time between an event's notices")
+    repeat_interval_seconds: float = Field(default=0.0, ge=0, description="remind of long blocks; 0 = never")
+    retry_initial_seconds: float = Field(default=1.0, gt=0)
+    retry_max_backoff_seconds: float = Field(default=60.0, gt=0)
+    heartbeat_interval_seconds: float = Field(default=60.0, gt=0)
+    heartbeat_receivers: list[str] = Field(default_factory=list, description="also send a heartbeat notice here")
+    silences_refresh_seconds: float = Field(default=15.0, gt=0)
+    digest: DigestSettings = Field(default_factory=DigestSettings)
+
+    @field_validator("email_lists")
+    @classmethod
+    def _addresses(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, addresses in value.items():
+            for address in addresses:
+                if "@" not in address or any(c in address for c in "\r\n<>,;"):
+                    raise ValueError(f"email list {name}: not a plain e-mail address: {address!r}")
+        return value
+
+
 class Settings(BaseSettings):
     """Everything censorwatch can be told. ``censorwatch check-config`` prints every problem at once."""
 
@@ -159,7 +250,12 @@ class Settings(BaseSettings):
     topic_prefix: str = Field(default="censorwatch", pattern=r"^[A-Za-z0-9._-]*$")
     topic_partitions: int = Field(default=4, ge=1)
     topic_replication: int = Field(default=1, ge=1)
-    kafka_session_timeout_seconds: float = Field(default=10.0, ge=6.0)
+    kafka_session_timeout_seconds: float = Field(default=10.0, ge=2.0)
+    broker_kind: Literal["kafka", "tansu"] = Field(
+        default="kafka",
+        description="'tansu' (the embedded broker) works around its quirks: exact high watermarks need one "
+        "record per producer batch for table recovery, and topics use one partition",
+    )
 
     # OONI poller
     countries: list[str] = Field(default_factory=lambda: ["KH"], min_length=1)
@@ -182,6 +278,8 @@ class Settings(BaseSettings):
     slack: SlackSettings = Field(default_factory=SlackSettings)
     email: EmailSettings = Field(default_factory=EmailSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    alerts: AlertsSettings = Field(default_factory=AlertsSettings)
+    enrich: EnrichSettings = Field(default_factory=EnrichSettings)
     deadletter_max_ratio: float = Field(
         default=0.5, gt=0, le=1, description="stop when more than this share of recent input is dead-lettered"
     )

@@ -39,6 +39,11 @@ class Topics:
         """Compacted: one record per (event, version, receiver) delivered, so nothing is sent twice."""
         return self._name("notification-log")
 
+    @property
+    def silences(self) -> str:
+        """Compacted: one record per alert silence (matchers, expiry, reason), shared by every dispatcher."""
+        return self._name("silences")
+
     def all(self) -> dict[str, bool]:
         """Topic name -> whether it is compacted."""
         return {
@@ -47,4 +52,5 @@ class Topics:
             self.deadletter: False,
             self.poller_cursor: True,
             self.notification_log: True,
+            self.silences: True,
         }

@@ -1,0 +1,70 @@
+"""Every metric the poller (and replay/enrichment) exports, names as in DEVELOPERS.md ("Metric names").
+
+Labels stay bounded: ``cc`` comes from the configured countries, ``kind`` and ``outcome`` from fixed lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from censorwatch.metrics_common import DEADLETTER_TOTAL as DEADLETTER_TOTAL
+
+ERROR_KINDS = (
+    "rate_limited",
+    "server_error",
+    "client_error",
+    "timeout",
+    "connection",
+    "malformed_page",
+    "malformed_item",
+    "kafka",
+)
+ENRICH_OUTCOMES = ("confirmed", "unconfirmed", "failed", "skipped_budget")
+
+FETCHED = Counter("censorwatch_poller_measurements_fetched", "List items received from the OONI API.", ["cc"])
+PRODUCED = Counter(
+    "censorwatch_poller_measurements_produced",
+    "Measurements acknowledged by Kafka on the measurement topic.",
+    ["cc"],
+)
+DUPLICATES = Counter(
+    "censorwatch_poller_duplicates",
+    "List items skipped because their uid was already produced (look-back overlap, repeated pages).",
+    ["cc"],
+)
+ERRORS = Counter("censorwatch_poller_errors", "Poller failures by kind.", ["kind"])
+LAST_SUCCESS = Gauge(
+    "censorwatch_poller_last_success_timestamp_seconds",
+    "Unix time of the last poll round that completed for the country.",
+    ["cc"],
+)
+QUOTA_REMAINING = Gauge(
+    "censorwatch_poller_api_quota_remaining", "X-RateLimit-Remaining of the last OONI API answer."
+)
+REQUEST_DURATION = Histogram(
+    "censorwatch_poller_request_duration_seconds",
+    "Wall time of one HTTP request to the OONI API (every attempt, failed ones too).",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+ENRICHMENTS = Counter(
+    "censorwatch_poller_enrichments",
+    "Anomalous measurements looked at by enrichment, by outcome "
+    "(confirmed, unconfirmed, failed, skipped_budget).",
+    ["outcome"],
+)
+
+
+def init_labels(countries: Iterable[str]) -> None:
+    """Create every label value up front so dashboards and rate() see zeros instead of missing series."""
+    for cc in countries:
+        FETCHED.labels(cc=cc)
+        PRODUCED.labels(cc=cc)
+        DUPLICATES.labels(cc=cc)
+    for kind in ERROR_KINDS:
+        ERRORS.labels(kind=kind)
+    for outcome in ENRICH_OUTCOMES:
+        ENRICHMENTS.labels(outcome=outcome)
+    for stage in ("poller", "normalise"):
+        DEADLETTER_TOTAL.labels(stage=stage)

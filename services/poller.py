@@ -1,0 +1,391 @@
+"""The OONI poller: list measurements per country, normalise, de-duplicate, produce keyed by country.
+
+One round asks ``/api/v1/measurements`` for each configured country from ``cursor.since - lookback`` (late
+uploads appear in the past) to tomorrow, ascending, and follows ``next_url``. Each page's new measurements are
+produced with ``acks=all`` and only then is the cursor advanced and written (``services.cursor``), so a crash
+re-produces at most one page and a restart never skips. Bad items go to the dead-letter topic; API trouble is
+one log line per attempt and a retry next round. SIGTERM/SIGINT abandon the request in flight, flush, exit 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from types import FrameType
+from typing import Any, Protocol
+
+import orjson
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+from prometheus_client import start_http_server
+
+from censorwatch import bus
+from censorwatch.config import Settings
+from censorwatch.models import DeadLetter, Measurement, utcnow
+from services import metrics
+from services.cursor import CountryCursor, CursorStore
+from services.normalise import NormaliseError, normalise, parse_time
+from services.ooni_client import (
+    ApiUnavailable,
+    ClientError,
+    MalformedPage,
+    OoniClient,
+    Page,
+    RequestAbandoned,
+    Stopped,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_WINDOW = timedelta(days=179)  # the API refuses windows over 180 days (HTTP 400)
+KAFKA_TIMEOUT = 30.0
+
+
+class Enricher(Protocol):
+    """Optional step between normalise and produce (``services.enrich``): may confirm an anomaly."""
+
+    def begin_round(self) -> None: ...
+
+    def __call__(self, measurement: Measurement, /) -> Measurement: ...
+
+
+@dataclass
+class CountryRound:
+    """What one round did for one country (returned for tests and logs)."""
+
+    cc: str
+    pages: int = 0
+    fetched: int = 0
+    produced: int = 0
+    duplicates: int = 0
+    deadlettered: int = 0
+    complete: bool = False
+    error: str | None = None
+
+
+def api_time(value: datetime) -> str:
+    """``since``/``until`` as the API parses them: naive UTC, floored to the second (conservative)."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _item_key(item: Any) -> str:
+    """Identity of an item that did not normalise, so it is dead-lettered once, not once per round."""
+    if isinstance(item, dict) and isinstance(item.get("measurement_uid"), str) and item["measurement_uid"]:
+        return str(item["measurement_uid"])[:200]
+    digest = hashlib.sha256(orjson.dumps(item, default=str, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return f"sha256:{digest[:32]}"
+
+
+def _item_time(item: Any, default: datetime) -> datetime:
+    try:
+        return parse_time(item.get("measurement_start_time")) if isinstance(item, dict) else default
+    except NormaliseError:
+        return default
+
+
+class Poller:
+    """The poll loop, testable one round at a time (``poll_once``) and stoppable (``stop``)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client: OoniClient | None = None,
+        producer: KafkaProducer | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        stop: threading.Event | None = None,
+        enricher: Enricher | None = None,
+    ) -> None:
+        self.settings = settings
+        self.stop_event = stop or threading.Event()
+        self.client = client or OoniClient(settings, stop=self.stop_event)
+        self.producer = producer
+        self._own_producer = producer is None
+        self.clock = clock
+        self.enricher = enricher
+        self.lookback = timedelta(seconds=settings.poll_lookback_seconds)
+        self.cursors: dict[str, CountryCursor] = {}
+        self.store: CursorStore | None = None
+        self.rounds = 0
+        metrics.init_labels(settings.countries)
+
+    # -- life cycle ---------------------------------------------------------------------------------------
+    def start(self, retry_seconds: float = 2.0) -> bool:
+        """Connect to Kafka and load the cursors, retrying while the broker is away; False if stopped."""
+        attempt = 0
+        while not self.stop_event.is_set():
+            attempt += 1
+            try:
+                try:
+                    bus.ensure_topics(self.settings, timeout=10.0)
+                except (KafkaError, ConnectionError) as exc:
+                    log.warning("could not check/create topics (%s); assuming they exist", exc)
+                if self.producer is None:
+                    self.producer = bus.producer(self.settings)
+                self.store = CursorStore(self.settings, self.producer)
+                self.cursors = self.store.load(self.clock())
+                return True
+            except (KafkaError, ConnectionError, TimeoutError) as exc:
+                metrics.ERRORS.labels(kind="kafka").inc()
+                delay = min(self.settings.http_max_backoff_seconds, retry_seconds * 2 ** min(attempt - 1, 6))
+                log.warning(
+                    "Kafka at %s not usable (%s); retrying in %.0f s",
+                    self.settings.bootstrap(),
+                    exc,
+                    delay,
+                )
+                self.stop_event.wait(delay)
+        return False
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def close(self) -> None:
+        """Flush what was produced and close; the cursor was already written after each page."""
+        if self.producer is not None:
+            try:
+                self.producer.flush(timeout=10)
+                if self._own_producer:
+                    self.producer.close(timeout=10)
+            except KafkaError as exc:
+                log.warning("flushing the producer failed: %s", exc)
+        self.client.close()
+
+    def run_forever(self) -> None:
+        """Poll every ``poll_interval_seconds`` until stopped."""
+        while not self.stop_event.is_set():
+            started = time.monotonic()
+            self.poll_once()
+            elapsed = time.monotonic() - started
+            self.stop_event.wait(max(0.0, self.settings.poll_interval_seconds - elapsed))
+
+    # -- one round ----------------------------------------------------------------------------------------
+    def poll_once(self) -> list[CountryRound]:
+        """One round over every configured country."""
+        if self.store is None and not self.start():
+            return []
+        self.rounds += 1
+        if self.enricher is not None:
+            self.enricher.begin_round()
+        results = []
+        for cc in self.settings.countries:
+            if self.stop_event.is_set():
+                break
+            results.append(self.poll_country(cc))
+        return results
+
+    def params(self, cursor: CountryCursor, now: datetime) -> dict[str, Any]:
+        since = cursor.query_since(self.lookback)
+        tomorrow = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
+        until = min(tomorrow, since + MAX_WINDOW)  # a long backfill goes in steps the API accepts
+        return {
+            "probe_cc": cursor.cc,
+            "test_name": ",".join(self.settings.test_names),
+            "since": api_time(since),
+            "until": api_time(until),
+            "order": "asc",
+            "order_by": "measurement_start_time",
+            "limit": self.settings.poll_page_size,
+        }
+
+    def poll_country(self, cc: str) -> CountryRound:
+        result = CountryRound(cc)
+        cursor = self.cursors[cc]
+        now = self.clock()
+        params = self.params(cursor, now)
+        try:
+            for page in self.client.iter_measurement_pages(params):
+                result.pages += 1
+                self._handle_page(cursor, page, result, now)
+                if self.stop_event.is_set():
+                    result.error = "stopped"
+                    return result
+        except MalformedPage as exc:
+            result.error = f"malformed page: {exc.reason}"
+            self._deadletter_page(cc, exc)
+            return result
+        except (ApiUnavailable, ClientError) as exc:
+            result.error = str(exc)
+            log.warning("%s: poll round abandoned (%s); next round in %.0f s", cc, exc, self._interval())
+            return result
+        except (Stopped, RequestAbandoned):
+            result.error = "stopped"
+            log.info("%s: poll interrupted by shutdown", cc)
+            return result
+        except (KafkaError, TimeoutError) as exc:
+            metrics.ERRORS.labels(kind="kafka").inc()
+            result.error = f"kafka: {exc}"
+            log.warning("%s: producing failed (%s); the page is retried next round", cc, exc)
+            return result
+        # Everything that had arrived by `now` was read: the next round may start `lookback` behind it.
+        until = datetime.strptime(params["until"], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+        cursor.advance_to(min(now, until))
+        cursor.prune(self.lookback)
+        try:
+            self._save(cursor)
+        except (KafkaError, TimeoutError) as exc:
+            metrics.ERRORS.labels(kind="kafka").inc()
+            result.error = f"kafka: {exc}"
+            log.warning("%s: writing the cursor failed (%s)", cc, exc)
+            return result
+        result.complete = True
+        metrics.LAST_SUCCESS.labels(cc=cc).set(time.time())
+        log.info(
+            "%s: %d fetched, %d produced, %d duplicates, %d dead-lettered in %d page(s)",
+            cc,
+            result.fetched,
+            result.produced,
+            result.duplicates,
+            result.deadlettered,
+            result.pages,
+        )
+        return result
+
+    def _handle_page(self, cursor: CountryCursor, page: Page, result: CountryRound, now: datetime) -> None:
+        cc = cursor.cc
+        fetched_at = self.clock()
+        fresh: list[Measurement] = []
+        fresh_uids: set[str] = set()
+        dead: list[tuple[str, datetime, DeadLetter]] = []
+        for index, item in enumerate(page.results):
+            result.fetched += 1
+            metrics.FETCHED.labels(cc=cc).inc()
+            try:
+                m = normalise(item, fetched_at=fetched_at)
+            except NormaliseError as exc:
+                key = _item_key(item)
+                if key in cursor.seen or key in fresh_uids:
+                    result.duplicates += 1
+                    metrics.DUPLICATES.labels(cc=cc).inc()
+                    continue
+                fresh_uids.add(key)
+                source = f"{page.url}#results[{index}]"
+                dead.append(
+                    (
+                        key,
+                        _item_time(item, now),
+                        DeadLetter.of("normalise", str(exc), item, key=key, source=source),
+                    )
+                )
+                continue
+            if m.uid in cursor.seen or m.uid in fresh_uids:
+                result.duplicates += 1
+                metrics.DUPLICATES.labels(cc=cc).inc()
+                continue
+            fresh_uids.add(m.uid)
+            if self.enricher is not None:
+                m = self.enricher(m)
+            fresh.append(m)
+        assert self.producer is not None and self.store is not None
+        topics = self.settings.topics
+        if fresh:
+            bus.send_all(
+                self.producer,
+                topics.measurements,
+                [(m.cc.encode(), m.to_bytes()) for m in fresh],
+                KAFKA_TIMEOUT,
+            )
+        if dead:
+            bus.send_all(
+                self.producer,
+                topics.deadletter,
+                [(cc.encode(), letter.to_bytes()) for _, _, letter in dead],
+                KAFKA_TIMEOUT,
+            )
+            for _, _, letter in dead:
+                log.warning("%s: dead-lettered item %s: %s", cc, letter.key, letter.reason)
+        # Acknowledged: now (and only now) remember them and move the cursor.
+        for m in fresh:
+            cursor.record(m.uid, m.start_time, now)
+        for key, start, _ in dead:
+            cursor.seen[key] = start
+        metrics.PRODUCED.labels(cc=cc).inc(len(fresh))
+        metrics.ERRORS.labels(kind="malformed_item").inc(len(dead))
+        metrics.DEADLETTER_TOTAL.labels(stage="normalise").inc(len(dead))
+        result.produced += len(fresh)
+        result.deadlettered += len(dead)
+        if fresh or dead:
+            self._save(cursor)
+
+    def _deadletter_page(self, cc: str, exc: MalformedPage) -> None:
+        """The page is kept for inspection; the same window is asked again next round."""
+        assert self.producer is not None
+        letter = DeadLetter.of("poller", exc.reason, exc.body, key=cc, source=exc.url)
+        try:
+            bus.send_all(
+                self.producer,
+                self.settings.topics.deadletter,
+                [(cc.encode(), letter.to_bytes())],
+                KAFKA_TIMEOUT,
+            )
+            metrics.DEADLETTER_TOTAL.labels(stage="poller").inc()
+        except (KafkaError, TimeoutError) as kexc:
+            metrics.ERRORS.labels(kind="kafka").inc()
+            log.warning("%s: could not dead-letter a malformed page (%s)", cc, kexc)
+        log.warning("%s: malformed page (%s); retrying next round", cc, exc.reason)
+
+    def _save(self, cursor: CountryCursor) -> None:
+        assert self.store is not None
+        self.store.save(cursor, KAFKA_TIMEOUT)
+
+    def _interval(self) -> float:
+        return self.settings.poll_interval_seconds
+
+
+def _install_signals(poller: Poller) -> dict[int, Any]:
+    """SIGTERM/SIGINT set the stop event and abandon an HTTP request in flight (never a Kafka call)."""
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if not poller.stop_event.is_set():
+            log.info("%s received: stopping the poller", signal.Signals(signum).name)
+        poller.stop()
+        if poller.client.in_request:
+            raise RequestAbandoned
+
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handle)
+    return previous
+
+
+def build_enricher(settings: Settings, client: OoniClient) -> Enricher | None:
+    """The enrichment step when configured (``settings.enrich``), else None."""
+    if not settings.enrich.enabled or settings.enrich.max_fetches_per_round == 0:
+        return None
+    from services.enrich import Enrichment
+
+    return Enrichment(settings, client)
+
+
+def run(settings: Settings) -> int:
+    """``censorwatch poll``: poll until SIGTERM/SIGINT, then flush and exit 0."""
+    if settings.metrics.poller_port:
+        start_http_server(settings.metrics.poller_port, addr=settings.metrics.host)
+        log.info("poller metrics on %s:%d", settings.metrics.host, settings.metrics.poller_port)
+    poller = Poller(settings)
+    poller.enricher = build_enricher(settings, poller.client)
+    previous = _install_signals(poller)
+    try:
+        log.info(
+            "polling %s for %s every %.0f s from %s",
+            ",".join(settings.countries),
+            ",".join(settings.test_names),
+            settings.poll_interval_seconds,
+            settings.ooni_api_url,
+        )
+        if poller.start():
+            poller.run_forever()
+    except RequestAbandoned:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        poller.close()
+    log.info("poller stopped")
+    return 0

@@ -1,0 +1,177 @@
+"""Confirmation from raw bodies: the pure matcher on real raw measurements, the budget, the poller step."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from censorwatch import bus
+from censorwatch.config import Settings, load_settings
+from censorwatch.models import Measurement
+from services.enrich import (
+    Enrichment,
+    FingerprintDB,
+    confirmation,
+    dns_answers,
+    load_local_indicators,
+    load_ooni_fingerprints,
+    match_raw,
+    packaged_db,
+)
+from services.normalise import normalise
+from services.ooni_client import OoniClient
+from services.poller import Poller
+from tests.fakes.ooni_api import FakeOoniApi, make_item
+from tests.kafka_read import read_topic
+
+RAW = "ooni/raw-measurements"
+WC05 = "ooni/wc05-synthetic"
+
+
+def raw(shared_data: Path, rel: str) -> dict[str, Any]:
+    return dict(json.loads((shared_data / rel).read_text()))
+
+
+@pytest.fixture(scope="module")
+def shared_db() -> FingerprintDB:
+    """Built from the originals in ../shared (the packaged copy must agree with it)."""
+    base = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    ooni = load_ooni_fingerprints(
+        base / "ooni/fingerprints/fingerprints_dns.json", base / "ooni/fingerprints/fingerprints_http.json"
+    )
+    local = {"KH": load_local_indicators(base / "kh/kh_dns_blocking_indicators.csv", "KH")}
+    return FingerprintDB.from_data(ooni, local)
+
+
+def with_answers(body: dict[str, Any], cc: str, answer: str) -> dict[str, Any]:
+    """A real body moved to another country with its (blocked) DNS answers replaced."""
+    out = copy.deepcopy(body)
+    out["probe_cc"] = cc
+    for query in out["test_keys"]["queries"]:
+        for a in query.get("answers") or []:
+            if a.get("answer_type") == "A" or "ipv4" in a:
+                a["ipv4"] = answer
+    return out
+
+
+def test_local_indicators_keep_only_blocking_rows(shared_data: Path) -> None:
+    kh = load_local_indicators(shared_data / "kh/kh_dns_blocking_indicators.csv", "KH")
+    assert {"36.37.242.94", "10.10.10.1", "203.190.164.182", "127.0.0.1"} <= set(kh)
+    assert "146.112.197.80" not in kh  # false_positive
+    assert "146.112.197.76" not in kh  # suspicious, unclassified
+
+
+@pytest.mark.parametrize("db_name", ["packaged", "shared"])
+def test_ooni_confirmed_cases_match_like_the_fastpath(
+    shared_data: Path, shared_db: FingerprintDB, db_name: str
+) -> None:
+    db = packaged_db() if db_name == "packaged" else shared_db
+    # Iran: DNS answer 10.10.34.36, scope nat -> confirmed
+    # (fastpath test_score_web_connectivity_dns_ir_fingerprint)
+    assert (
+        confirmation(raw(shared_data, f"{RAW}/web_connectivity_ir_fp.json"), db)
+        == "ooni:ooni.ir_10dot10_ipv4_1"
+    )
+    # Indonesia: Kominfo block page (fastpath test_match_id_fingerprint)
+    id_file = f"{RAW}/20250527233111.802678_ID_webconnectivity_5a37ec909dbf14e3.json"
+    assert confirmation(raw(shared_data, id_file), db) == "ooni:ooni.id_lamanlabuh_kominfo"
+
+
+def test_false_positive_scopes_never_confirm(shared_data: Path, shared_db: FingerprintDB) -> None:
+    # A localhost answer matches OONI's generic 'br' fingerprint but that never confirms outside KH.
+    body = raw(shared_data, f"{WC05}/dnsHijackingToLocalhostWithHTTP.json")
+    assert [m.label for m in match_raw(body, shared_db)] == ["ooni:cl.dns_br_localhost"]
+    assert confirmation(body, shared_db) is None
+    for name in ("successWithHTTP", "httpDiffWithConsistentDNS", "cloudflareCAPTCHAWithHTTP"):
+        assert confirmation(raw(shared_data, f"{WC05}/{name}.json"), shared_db) is None, name
+
+
+def test_every_raw_measurement_parses_without_error(shared_data: Path) -> None:
+    db = packaged_db()
+    files = sorted((shared_data / RAW).glob("*.json")) + sorted((shared_data / WC05).glob("*.json"))
+    assert len(files) >= 90
+    confirmed = {f.name for f in files if confirmation(json.loads(f.read_text()), db)}
+    assert confirmed == {
+        "20250527233111.802678_ID_webconnectivity_5a37ec909dbf14e3.json",
+        "bug_352.json",
+        "web_connectivity_ir_fp.json",
+        "dnsBlockingBOGON.json",  # 10.10.34.35 is OONI's Iranian nat fingerprint ooni.ir_5
+    }
+
+
+def test_cambodian_block_answers_confirm_only_in_cambodia(shared_data: Path) -> None:
+    db = packaged_db()
+    body = raw(shared_data, f"{WC05}/dnsBlockingBOGON.json")
+    kh = with_answers(body, "KH", "36.37.242.94")
+    assert "36.37.242.94" in dns_answers(kh)
+    assert confirmation(kh, db, "KH") == "dns:36.37.242.94"
+    assert confirmation(with_answers(body, "TH", "36.37.242.94"), db, "TH") is None
+    assert confirmation(with_answers(body, "KH", "146.112.197.80"), db, "KH") is None  # a false positive
+    localhost = raw(shared_data, f"{WC05}/dnsHijackingToLocalhostWithHTTP.json")
+    assert confirmation(localhost, db, "KH") == "dns:127.0.0.1"
+
+
+def anomaly(seq: int, start: datetime) -> dict[str, Any]:
+    return make_item(start=start, anomaly=True, blocking_type="dns", seq=seq)
+
+
+def test_budget_per_round_and_outcomes(shared_data: Path) -> None:
+    start = datetime.now(UTC) - timedelta(hours=1)
+    blocked = with_answers(raw(shared_data, f"{WC05}/dnsBlockingBOGON.json"), "KH", "36.37.242.94")
+    clean = raw(shared_data, f"{WC05}/successWithHTTP.json")
+    items = [anomaly(i, start) for i in range(4)]
+    items.append(make_item(start=start, seq=9))  # ok: never fetched
+    with FakeOoniApi(
+        raw_measurements={items[0]["measurement_uid"]: blocked, items[1]["measurement_uid"]: clean}
+    ) as api:
+        settings = load_settings(ooni_api_url=api.base_url, enrich={"max_fetches_per_round": 3})
+        step = Enrichment(settings, OoniClient(settings, max_attempts=1))
+        before = {
+            o: REGISTRY.get_sample_value("censorwatch_poller_enrichments_total", {"outcome": o}) or 0
+            for o in ("confirmed", "unconfirmed", "failed", "skipped_budget")
+        }
+        step.begin_round()
+        out = [step(normalise(i)) for i in items]
+        assert [m.confirmed for m in out] == [True, False, False, False, False]
+        assert out[0].confirmed_by == "dns:36.37.242.94" and out[0].anomaly
+        assert len(api.requests_to("/api/v1/raw_measurement")) == 3  # the budget
+        after = {
+            o: REGISTRY.get_sample_value("censorwatch_poller_enrichments_total", {"outcome": o}) or 0
+            for o in before
+        }
+        assert {o: after[o] - before[o] for o in before} == {
+            "confirmed": 1,
+            "unconfirmed": 1,
+            "failed": 1,
+            "skipped_budget": 1,
+        }
+        step.begin_round()  # a new round has a new budget
+        assert step(normalise(items[3])).confirmed is False
+        assert len(api.requests_to("/api/v1/raw_measurement")) == 4
+
+
+@pytest.mark.kafka
+def test_poller_produces_the_confirmed_measurement(kafka_settings: Settings, shared_data: Path) -> None:
+    start = datetime.now(UTC) - timedelta(hours=1)
+    item = anomaly(1, start)
+    body = with_answers(raw(shared_data, f"{WC05}/dnsBlockingBOGON.json"), "KH", "36.37.242.94")
+    with FakeOoniApi([item], {item["measurement_uid"]: body}) as api:
+        settings = kafka_settings.model_copy(update={"ooni_api_url": api.base_url, "countries": ["KH"]})
+        bus.ensure_topics(settings)
+        stop = threading.Event()
+        client = OoniClient(settings, stop=stop)
+        poller = Poller(settings, client=client, stop=stop, enricher=Enrichment(settings, client))
+        try:
+            assert poller.poll_once()[0].produced == 1
+        finally:
+            poller.close()
+    [record] = read_topic(settings, settings.topics.measurements)
+    m = Measurement.from_bytes(record.value)
+    assert m.confirmed and m.confirmed_by == "dns:36.37.242.94" and m.outcome == "confirmed"

@@ -1,0 +1,313 @@
+"""The poller on the real broker against the loopback OONI fake: exactly once, dead letters, restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from censorwatch import bus
+from censorwatch.config import Settings
+from censorwatch.models import DeadLetter, Measurement
+from services.cursor import CountryCursor
+from services.ooni_client import OoniClient, Page
+from services.poller import Poller
+from tests.conftest import ROOT, free_port
+from tests.fakes.ooni_api import FakeOoniApi, Fault, load_recorded_items, make_item
+from tests.kafka_read import read_topic
+
+pytestmark = pytest.mark.kafka
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def recorded(shared_data: Path) -> list[dict[str, Any]]:
+    items: dict[str, dict[str, Any]] = {}
+    for path in sorted((shared_data / "ooni/api-responses/search").glob("*.json")):
+        for item in load_recorded_items(path):
+            items[item["measurement_uid"]] = item
+    return list(items.values())
+
+
+def kh_series(
+    start: datetime, steps: int, *, seq0: int = 0, step: timedelta = timedelta(hours=1)
+) -> list[dict[str, Any]]:
+    """Simulated: one domain on one ASN turning anomalous half-way, plus a signal test per step."""
+    out = []
+    for h in range(steps):
+        t = start + h * step
+        blocked = h >= steps // 2
+        out.append(
+            make_item(start=t, anomaly=blocked, blocking_type="dns" if blocked else None, seq=seq0 + h)
+        )
+        out.append(make_item(start=t, test_name="signal", asn=131207, seq=seq0 + h))
+    return out
+
+
+def measurements(settings: Settings) -> list[tuple[bytes, Measurement]]:
+    return [
+        (r.key, Measurement.from_bytes(r.value)) for r in read_topic(settings, settings.topics.measurements)
+    ]
+
+
+def metric(name: str, labels: Mapping[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, dict(labels or {})) or 0.0
+
+
+def poller_settings(kafka_settings: Settings, api: FakeOoniApi, countries: list[str], **kw: Any) -> Settings:
+    update = {
+        "ooni_api_url": api.base_url,
+        "countries": countries,
+        "poll_start": datetime(2026, 6, 1, tzinfo=UTC),
+        "poll_page_size": 5,
+        "poll_lookback_seconds": 6 * 3600.0,
+        **kw,
+    }
+    s = kafka_settings.model_copy(update=update)
+    bus.ensure_topics(s)
+    return s
+
+
+class StopAfterPages(OoniClient):
+    """Sets the stop event after n pages: a poller stopped in the middle of a round."""
+
+    def __init__(self, settings: Settings, n: int, stop: threading.Event) -> None:
+        super().__init__(settings, stop=stop, backoff_base=0.01)
+        self.n = n
+
+    def iter_measurement_pages(self, params: Mapping[str, Any]) -> Iterator[Page]:
+        for page in super().iter_measurement_pages(params):
+            self.n -= 1
+            if self.n <= 0:
+                self.stop.set()
+            yield page
+
+
+def make_poller(settings: Settings, **kw: Any) -> Poller:
+    stop = kw.pop("stop", None) or threading.Event()
+    client = kw.pop("client", None) or OoniClient(settings, stop=stop, backoff_base=0.01)
+    return Poller(settings, client=client, stop=stop, **kw)
+
+
+def test_everything_arrives_exactly_once_through_faults(kafka_settings: Settings, shared_data: Path) -> None:
+    kh = kh_series(NOW - timedelta(hours=5), 24, step=timedelta(minutes=10))
+    items = recorded(shared_data) + kh
+    countries = sorted({i["probe_cc"] for i in items})
+    with FakeOoniApi(items) as api:
+        settings = poller_settings(kafka_settings, api, countries)
+        api.push(Fault.rate_limited(retry_after=0.05), Fault.server_error())
+        # Rows shift under the offset: page 3 repeats page 2's items and skips its own this round.
+        api.push(Fault.repeated_page(when={"probe_cc": "KH", "offset": "10"}))
+        before = {
+            cc: metric("censorwatch_poller_measurements_produced_total", {"cc": cc}) for cc in countries
+        }
+        rl_before = metric("censorwatch_poller_errors_total", {"kind": "rate_limited"})
+        se_before = metric("censorwatch_poller_errors_total", {"kind": "server_error"})
+        poller = make_poller(settings)
+        try:
+            rounds = poller.poll_once()
+            assert all(r.complete for r in rounds), [r for r in rounds if not r.complete]
+            assert api.pending_faults == 0
+            kh_round = next(r for r in rounds if r.cc == "KH")
+            assert kh_round.duplicates == 5 and kh_round.produced == len(kh) - 5
+            second = poller.poll_once()  # the look-back recovers the skipped ones, nothing else is new
+            assert sum(r.produced for r in second) == 5
+        finally:
+            poller.close()
+        # since = cursor - lookback, until = tomorrow, asc, comma list of tests
+        first = api.requests_to()[0].params
+        assert first["order"] == "asc" and first["order_by"] == "measurement_start_time"
+        assert first["test_name"] == ",".join(settings.test_names)
+    got = measurements(settings)
+    uids = [m.uid for _, m in got]
+    assert sorted(uids) == sorted(i["measurement_uid"] for i in items)
+    assert len(set(uids)) == len(uids)
+    assert all(key == m.cc.encode() for key, m in got)  # keyed by country code
+    assert all(m.fetched_at is not None for _, m in got)
+    for cc in countries:
+        n = sum(1 for i in items if i["probe_cc"] == cc)
+        assert metric("censorwatch_poller_measurements_produced_total", {"cc": cc}) - before[cc] == n
+        assert metric("censorwatch_poller_last_success_timestamp_seconds", {"cc": cc}) > 0
+    assert metric("censorwatch_poller_errors_total", {"kind": "rate_limited"}) == rl_before + 1
+    assert metric("censorwatch_poller_errors_total", {"kind": "server_error"}) == se_before + 1
+
+
+def test_malformed_item_and_page_are_dead_lettered_and_polling_goes_on(kafka_settings: Settings) -> None:
+    good = kh_series(NOW - timedelta(hours=5), 3)
+    bad = make_item(start=NOW - timedelta(hours=4), seq=99)
+    bad["probe_asn"] = "AS-not-a-number"
+    with FakeOoniApi([*good, bad]) as api:
+        settings = poller_settings(kafka_settings, api, ["KH"], poll_page_size=100)
+        dl_before = metric("censorwatch_deadletter_total", {"stage": "normalise"})
+        poller = make_poller(settings)
+        try:
+            api.push(Fault.truncated())
+            first = poller.poll_once()[0]
+            assert not first.complete and first.error and "malformed page" in first.error
+            second = poller.poll_once()[0]  # retried next round
+            assert second.complete and second.produced == len(good) and second.deadlettered == 1
+            third = poller.poll_once()[0]  # the bad item is not dead-lettered again every round
+            assert third.deadlettered == 0 and third.produced == 0
+        finally:
+            poller.close()
+    assert sorted(m.uid for _, m in measurements(settings)) == sorted(i["measurement_uid"] for i in good)
+    letters = [DeadLetter.from_bytes(r.value) for r in read_topic(settings, settings.topics.deadletter)]
+    by_stage = {d.stage: d for d in letters}
+    assert len(letters) == 2
+    assert "probe_asn" in by_stage["normalise"].reason
+    assert bad["measurement_uid"] in by_stage["normalise"].payload
+    assert "not valid JSON" in by_stage["poller"].reason
+    assert metric("censorwatch_deadletter_total", {"stage": "normalise"}) == dl_before + 1
+
+
+def test_restart_mid_run_with_late_items_neither_skips_nor_repeats(kafka_settings: Settings) -> None:
+    items = kh_series(NOW - timedelta(hours=40), 36)  # 72 items, page size 5: ~15 pages
+    with FakeOoniApi(items) as api:
+        settings = poller_settings(kafka_settings, api, ["KH"])
+        stop = threading.Event()
+        first = make_poller(settings, stop=stop, client=StopAfterPages(settings, 4, stop))
+        try:
+            r = first.poll_once()[0]
+        finally:
+            first.close()
+        assert r.error == "stopped" and r.produced == 20
+        # Late uploads inside the look-back window, and a new measurement, appear while it is down.
+        late = kh_series(NOW - timedelta(hours=3), 2, seq0=1000)
+        api.add_items(late)
+        second = make_poller(settings)
+        try:
+            assert second.poll_once()[0].complete
+            later = [make_item(start=NOW - timedelta(hours=1), seq=2000)]
+            later += kh_series(NOW - timedelta(hours=5, minutes=30), 1, seq0=3000)  # late, in the overlap
+            api.add_items(later)
+            assert second.poll_once()[0].produced == len(later)
+        finally:
+            second.close()
+    uids = [m.uid for _, m in measurements(settings)]
+    expected = [i["measurement_uid"] for i in items + late + later]
+    assert len(uids) == len(set(uids))
+    assert sorted(uids) == sorted(expected)
+    # The cursor on its compacted topic holds the overlap, not the whole history.
+    stored = bus.read_compacted(settings, settings.topics.poller_cursor)
+    cursor = CountryCursor.from_bytes(stored[b"KH"] or b"")
+    assert cursor.since is not None and cursor.since >= NOW - timedelta(seconds=5)
+    edge = cursor.query_since(timedelta(hours=6))
+    assert cursor.seen and all(t > edge for t in cursor.seen.values())
+    assert edge >= NOW - timedelta(hours=6, seconds=2)
+
+
+def test_future_probe_clock_does_not_move_the_cursor_past_now(kafka_settings: Settings) -> None:
+    future = make_item(start=NOW + timedelta(hours=20), seq=1)
+    with FakeOoniApi([future]) as api:
+        settings = poller_settings(kafka_settings, api, ["KH"])
+        poller = make_poller(settings, clock=lambda: NOW)
+        try:
+            assert poller.poll_once()[0].produced == 1
+            assert poller.cursors["KH"].since == NOW
+            assert poller.poll_once()[0].duplicates == 1  # still returned, still not produced twice
+        finally:
+            poller.close()
+
+
+def test_run_forever_stops_promptly(kafka_settings: Settings) -> None:
+    with FakeOoniApi(kh_series(NOW - timedelta(hours=2), 1)) as api:
+        settings = poller_settings(kafka_settings, api, ["KH"], poll_interval_seconds=60)
+        poller = make_poller(settings)
+        thread = threading.Thread(target=poller.run_forever)
+        thread.start()
+        wait_for(lambda: poller.rounds >= 1 and bool(api.requests_to()), 20)
+        t0 = time.monotonic()
+        poller.stop()
+        thread.join(10)
+        poller.close()
+        assert not thread.is_alive() and time.monotonic() - t0 < 5
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not met within {timeout} s")
+        time.sleep(0.05)
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def test_censorwatch_poll_serves_metrics_and_exits_0_on_sigterm_mid_request(kafka_settings: Settings) -> None:
+    with FakeOoniApi(kh_series(NOW - timedelta(hours=2), 2)) as api:
+        settings = poller_settings(kafka_settings, api, ["KH"])
+        port = free_port()
+        env = {
+            **os.environ,
+            "CENSORWATCH_KAFKA_BOOTSTRAP": settings.bootstrap(),
+            "CENSORWATCH_TOPIC_PREFIX": settings.topic_prefix,
+            "CENSORWATCH_OONI_API_URL": api.base_url,
+            "CENSORWATCH_COUNTRIES": '["KH"]',
+            "CENSORWATCH_POLL_INTERVAL_SECONDS": "1",
+            "CENSORWATCH_METRICS__POLLER_PORT": str(port),
+            "CENSORWATCH_HTTP_TIMEOUT_SECONDS": "60",
+        }
+        proc = subprocess.Popen([sys.executable, "-m", "censorwatch", "poll"], env=env, cwd=ROOT)
+        try:
+            wait_for(
+                lambda: 'censorwatch_poller_last_success_timestamp_seconds{cc="KH"}' in _try_scrape(port),
+                30,
+                "a completed round",
+            )
+            text = scrape(port)
+            assert 'censorwatch_poller_measurements_produced_total{cc="KH"} 4.0' in text
+            api.push(Fault.slow(60))  # the next request hangs; SIGTERM must not wait for it
+            wait_for(lambda: api.pending_faults == 0, 10, "the slow request")
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+            assert time.monotonic() - t0 < 5
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert len(measurements(settings)) == 4
+
+
+def _try_scrape(port: int) -> str:
+    try:
+        return scrape(port)
+    except OSError:
+        return ""
+
+
+def test_api_unreachable_never_crashes_and_recovers(kafka_settings: Settings) -> None:
+    with FakeOoniApi() as gone:
+        dead_url = gone.base_url
+    with FakeOoniApi(kh_series(NOW - timedelta(hours=2), 2)) as api:
+        settings = poller_settings(kafka_settings, api, ["KH"])
+        stop = threading.Event()
+        client = OoniClient(
+            settings.model_copy(update={"ooni_api_url": dead_url}),
+            stop=stop,
+            max_attempts=2,
+            sleep=lambda s: None,
+        )
+        poller = make_poller(settings, stop=stop, client=client)
+        try:
+            for _ in range(2):
+                r = poller.poll_once()[0]
+                assert not r.complete and r.error and "cannot connect" in r.error
+            poller.client = OoniClient(settings, stop=stop)  # the network is back
+            assert poller.poll_once()[0].produced == 4
+        finally:
+            poller.close()
