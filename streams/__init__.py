@@ -1,0 +1,1 @@
+"""Detection: the pure engine (``streams.detection``), its Faust shell and the offline backtest."""

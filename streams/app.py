@@ -1,0 +1,247 @@
+"""The Faust application: a thin shell around the pure detection engine.
+
+The agent only decodes, loads state from the table, calls ``Engine.step``, stores the returned changes, and sends
+the returned events. Anything that fails for one record is dead-lettered with its reason (a Faust agent that
+raises would ack the record silently). Time-driven evaluation (coverage gaps, time hysteresis) arrives as *tick*
+records on the measurement topic, sent by the leader's timer keyed by country, so ticks are processed in order with
+the measurements of their partition — the same order ``run_offline`` sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections import deque
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+import orjson
+from faust.streams import _current_event  # private: see process_partition_batch
+from pydantic import ValidationError
+
+from censorwatch.config import Settings
+from censorwatch.models import DeadLetter, Event, Measurement, utcnow
+from streams import metrics
+from streams.detection import DetectionContext, Engine, StepResult
+
+log = logging.getLogger(__name__)
+
+TICK_FIELD = "__tick__"
+
+
+def tick_record(now: datetime) -> bytes:
+    """A control record asking the engine to evaluate time-driven rules for the key's country."""
+    return orjson.dumps({TICK_FIELD: now.isoformat()})
+
+
+class DeadLetterRatioExceeded(RuntimeError):
+    """Too much of the recent input is failing: stop loudly instead of dead-lettering everything."""
+
+
+class Overlay(Mapping[str, Any]):
+    """Reads through pending in-batch changes to the table, so a batch sees its own writes."""
+
+    def __init__(self, table: Mapping[str, Any]) -> None:
+        self.table = table
+        self.pending: dict[str, Any | None] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self.pending:
+            value = self.pending[key]
+            if value is None:
+                raise KeyError(key)
+            return value
+        if key in self.table:
+            return self.table[key]
+        raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        if key in self.pending:
+            return self.pending[key] is not None
+        return key in self.table
+
+    def __iter__(self) -> Iterator[str]:
+        seen = set()
+        for key, value in self.pending.items():
+            seen.add(key)
+            if value is not None:
+                yield key
+        for key in self.table:
+            if key not in seen:
+                yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def apply(self, changes: Mapping[str, Any | None]) -> None:
+        self.pending.update(changes)
+
+
+class DeadLetterGuard:
+    """Tracks the dead-letter share of the last ``window`` records and trips above ``max_ratio``."""
+
+    def __init__(self, max_ratio: float, window: int = 200, minimum: int = 50) -> None:
+        self.max_ratio = max_ratio
+        self.minimum = minimum
+        self.recent: deque[bool] = deque(maxlen=window)
+
+    def record(self, dead: bool) -> None:
+        self.recent.append(dead)
+        if len(self.recent) >= self.minimum:
+            ratio = sum(self.recent) / len(self.recent)
+            if ratio > self.max_ratio:
+                raise DeadLetterRatioExceeded(
+                    f"{ratio:.0%} of the last {len(self.recent)} records were dead-lettered "
+                    f"(limit {self.max_ratio:.0%}): stopping instead of discarding the stream"
+                )
+
+
+def publish_series(result: StepResult) -> None:
+    """Mirror changed series into the bounded per-series collector (watched or anomalous series only)."""
+    for key, value in result.changes.items():
+        if not key.startswith("s|"):
+            continue
+        try:
+            _, cc, asn, target = key.split("|", 3)
+        except ValueError:
+            continue
+        sample = value.get("metric") if isinstance(value, dict) else None
+        if value is None or not sample:
+            metrics.SERIES.withdraw(cc, int(asn), target)
+            continue
+        metrics.SERIES.publish(
+            metrics.SeriesSample(cc, int(asn), target, float(sample["share"]), int(sample["n"]))
+        )
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
+    """Build the Faust app for these settings (one app per process)."""
+    topics = settings.topics
+    engine = engine or Engine(settings.detection, DetectionContext.from_settings(settings))
+    session = int(settings.kafka_session_timeout_seconds)
+    app = faust.App(
+        f"{settings.topic_prefix}-worker",
+        broker=[f"kafka://{host.strip()}" for host in settings.bootstrap().split(",")],
+        store="memory://",
+        processing_guarantee="at_least_once",
+        broker_session_timeout=session,
+        broker_heartbeat_interval=max(1, session // 5),
+        broker_commit_every=500,
+        broker_commit_interval=1.0,
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication,
+        topic_allow_declare=True,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        table_standby_replicas=0,
+        stream_wait_empty=False,
+        datadir=str(settings.state_dir / "faust"),
+        # Tansu reports the high watermark as the last batch's base offset + 1, so table recovery would stop
+        # short of multi-record batches: one record per batch keeps it exact (costs throughput; Kafka needs none).
+        producer_max_batch_size=1 if settings.broker_kind == "tansu" else 16384,
+    )
+    measurements_topic = app.topic(
+        topics.measurements,
+        key_type=bytes,
+        value_type=bytes,
+        value_serializer="raw",
+        key_serializer="raw",
+        partitions=settings.topic_partitions,
+    )
+    events_topic = app.topic(topics.events, key_serializer="raw", value_serializer="raw")
+    deadletter_topic = app.topic(topics.deadletter, key_serializer="raw", value_serializer="raw")
+    state = app.Table(
+        "detection-state",
+        default=None,
+        key_type=str,
+        value_type=None,  # not dict: recovery calls value_type.from_data(); None keeps plain JSON values
+        partitions=settings.topic_partitions,
+    )
+    guard = DeadLetterGuard(settings.deadletter_max_ratio)
+
+    async def dead_letter(reason: str, raw: bytes, key: bytes | None, source: str) -> None:
+        letter = DeadLetter.of(
+            "worker", reason, raw, key=key.decode("utf-8", "replace") if key else None, source=source
+        )
+        await deadletter_topic.send(key=key, value=letter.to_bytes())
+        metrics.DEADLETTER_TOTAL.labels(stage="worker").inc()
+        log.warning("dead-lettered %s: %s", source, reason)
+
+    def handle(view: Overlay, raw: bytes) -> tuple[StepResult, Measurement | None]:
+        doc = orjson.loads(raw)
+        if isinstance(doc, dict) and TICK_FIELD in doc:
+            now = datetime.fromisoformat(doc[TICK_FIELD])
+            return engine.tick(view, doc.get("cc") or "", now), None
+        m = Measurement.model_validate(doc)
+        return engine.step(view, m), m
+
+    @app.agent(measurements_topic)
+    async def detect(stream: Any) -> None:
+        async for batch in stream.take_events(500, within=0.5):
+            # A batch can mix partitions; each partition's state must go to its own changelog partition, which
+            # Faust takes from the "current event" (not set by take_events: we set the private contextvar).
+            by_partition: dict[int, list[Any]] = {}
+            for event in batch:
+                by_partition.setdefault(event.message.partition, []).append(event)
+            for events in by_partition.values():
+                await process_partition_batch(events)
+            _current_event.set(None)
+
+    async def process_partition_batch(batch: list[Any]) -> None:
+        view = Overlay(state)
+        outgoing: list[tuple[Event, Measurement | None]] = []
+        for event in batch:
+            raw: bytes = event.value
+            source = f"{event.message.topic}/{event.message.partition}@{event.message.offset}"
+            try:
+                if raw.startswith(b'{"' + TICK_FIELD.encode()):
+                    doc = orjson.loads(raw)
+                    doc["cc"] = (event.key or b"").decode()
+                    raw = orjson.dumps(doc)
+                result, m = handle(view, raw)
+            except (orjson.JSONDecodeError, ValidationError, ValueError, KeyError, TypeError) as exc:
+                guard.record(True)
+                await dead_letter(f"{type(exc).__name__}: {exc}", raw, event.key, source)
+                continue
+            guard.record(False)
+            view.apply(result.changes)
+            publish_series(result)
+            _count(result, m)
+            outgoing += [(e, m) for e in result.events]
+        _current_event.set(weakref.ref(batch[-1]))
+        for key, value in view.pending.items():
+            if value is None:
+                state.pop(key, None)
+            else:
+                state[key] = value  # assign back: in-place mutation never reaches the changelog
+        for ev, m in outgoing:
+            await events_topic.send(key=ev.event_id.encode(), value=ev.to_bytes())
+            metrics.EVENTS_EMITTED.labels(kind=ev.kind.value, action=ev.action.value).inc()
+            if m is not None and m.fetched_at is not None:
+                metrics.PROCESSING_LATENCY.observe(max(0.0, (utcnow() - m.fetched_at).total_seconds()))
+
+    @app.timer(interval=60.0, on_leader=True)
+    async def tick() -> None:
+        now = datetime.now(UTC)
+        for cc in settings.countries:
+            await measurements_topic.send(key=cc.encode(), value=tick_record(now))
+
+    app.censorwatch_state = state  # type: ignore[attr-defined]
+    app.censorwatch_detect = detect  # type: ignore[attr-defined]
+    return app
+
+
+def _count(result: StepResult, m: Measurement | None) -> None:
+    if m is not None and not result.counters.get("duplicate"):
+        metrics.MEASUREMENTS_PROCESSED.labels(cc=m.cc, outcome=m.outcome.value).inc()
+    for name, n in result.counters.items():
+        if name == "duplicate":
+            metrics.DUPLICATES.inc(n)
+        elif name in ("late_revised", "revised"):
+            metrics.LATE_MEASUREMENTS.labels(kind="revised").inc(n)
+        elif name == "too_late":
+            metrics.LATE_MEASUREMENTS.labels(kind="too_late").inc(n)
+        elif name == "capped":
+            metrics.ALERTS_CAPPED.inc(n)
