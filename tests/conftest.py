@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from censorwatch import bus
 from censorwatch.broker import EmbeddedBroker
 from censorwatch.config import Settings, load_settings
+from tests.services import Service, scrape, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -61,3 +63,35 @@ def kafka_settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
         state_dir=tmp_path / "state",
         metrics={"poller_port": 0, "worker_port": 0, "dispatcher_port": 0},
     )
+
+
+@pytest.fixture(scope="session")
+def pipeline_settings(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings of the session's pipeline: the one Faust worker consumes these topics (one partition on Tansu)."""
+    return load_settings(
+        kafka_bootstrap=broker.bootstrap,
+        broker_kind="tansu",
+        topic_prefix="pipeline",
+        topic_partitions=1,
+        kafka_session_timeout_seconds=6.0,
+        countries=["KH", "KE"],
+        state_dir=tmp_path_factory.mktemp("pipeline-state"),
+        metrics={"poller_port": free_port(), "worker_port": free_port(), "dispatcher_port": free_port()},
+    )
+
+
+@pytest.fixture(scope="session")
+def worker(pipeline_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """One Faust worker (``censorwatch worker`` subprocess) for the whole session: group joins on Tansu are slow."""
+    bus.ensure_topics(pipeline_settings)
+    service = Service(["worker"], pipeline_settings, tmp_path_factory.mktemp("worker"), name="worker").start()
+    try:
+        wait_until(
+            lambda: service.check() and scrape(pipeline_settings.metrics.worker_port) is not None,
+            60,
+            "the worker's metrics endpoint",
+        )
+        yield service
+    finally:
+        code = service.stop()
+        assert code == 0, f"worker exited with {code} on SIGTERM:\n{service.log()[-3000:]}"

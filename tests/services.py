@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -105,3 +106,18 @@ class Service:
 
     def kill(self) -> None:
         self.stop(sig=signal.SIGKILL)
+
+
+def scrape(port: int) -> str | None:
+    """The Prometheus text a service serves on 127.0.0.1:port, or None while it is not up."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            return str(resp.read().decode())
+    except OSError:
+        return None
+
+
+def metric_value(port: int, line_prefix: str) -> float:
+    """Sum of the samples whose line starts with ``line_prefix`` (name plus the start of the labels)."""
+    text = scrape(port) or ""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_prefix))
