@@ -117,27 +117,77 @@ class MetricsSettings(BaseModel):
 class DetectionSettings(BaseModel):
     """Knobs of the detection engine (see docs/detection.md for what each means and how to tune it)."""
 
-    min_measurements: int = Field(default=5, ge=1, description="evidence floor: measurements per series")
+    min_measurements: int = Field(default=3, ge=1, description="evidence floor: measurements per series")
     min_probes: int = Field(default=2, ge=1, description="evidence floor: distinct probe runs per series")
-    window_hours: float = Field(default=48.0, gt=0, description="rolling window of evidence per series")
+    window_hours: float = Field(
+        default=168.0, gt=0, description="evidence window per series (a week: KH series get a few per week)"
+    )
     open_threshold: float = Field(default=0.5, gt=0, le=1, description="open when the share's lower bound ≥")
     close_threshold: float = Field(default=0.2, ge=0, lt=1, description="clear when the share's upper bound ≤")
     confidence_z: float = Field(default=1.64, gt=0, description="z of the Wilson interval (1.64 ≈ 90 %)")
     min_open_seconds: float = Field(default=3600.0, ge=0, description="hysteresis in time before resolving")
     confirmed_opens: bool = Field(default=True, description="a confirmed measurement opens an event at once")
-    warmup_hours: float = Field(default=6.0, ge=0, description="series blocked in the warm-up: 'already blocked'")
+    warmup_hours: float = Field(
+        default=72.0, ge=0, description="series first seen this soon after monitoring began and blocked at once: "
+        "'already blocked when monitoring began' (sparse networks need ~3 days to reach the floor)"
+    )
     revision_window_hours: float = Field(default=72.0, ge=0, description="late data within this revises")
     future_skew_seconds: float = Field(default=3600.0, ge=0, description="clamp start times beyond now+this")
     outage_min_targets: int = Field(default=5, ge=2, description="targets failing at once on an ASN = outage")
     outage_share: float = Field(default=0.8, gt=0, le=1, description="share of an ASN's targets failing")
     coverage_gap_hours: float = Field(default=12.0, gt=0, description="silent watched ASN raises a notice")
     max_alerts_per_run: int = Field(default=50, ge=1, description="cap per evaluation; the rest is recorded")
+    cusum_p0: float = Field(default=0.05, gt=0, lt=1, description="CUSUM: anomaly share of an unblocked series")
+    cusum_p1: float = Field(default=0.5, gt=0, lt=1, description="CUSUM: anomaly share of a (partly) blocked one")
+    cusum_threshold: float = Field(default=6.0, gt=0, description="CUSUM log-likelihood ratio that opens")
+    clear_after_hours: float = Field(
+        default=72.0, gt=0, description="a series clears only when this many recent hours are clean (weekends)"
+    )
+    pooled_window_hours: float = Field(
+        default=72.0, gt=0, description="window of the per-target evidence pooled across ASNs"
+    )
+    join_min_blocked: int = Field(
+        default=2, ge=1, description="anomalies (and a majority) an ASN needs to join an already open event"
+    )
+    late_after_seconds: float = Field(
+        default=3600.0, ge=0, description="older than the country watermark by more than this = late data"
+    )
+    coverage_min_measurements: int = Field(
+        default=20, ge=1, description="an ASN is watched for coverage gaps once it sent this many measurements"
+    )
 
     @model_validator(mode="after")
     def _hysteresis(self) -> DetectionSettings:
         if self.close_threshold >= self.open_threshold:
             raise ValueError("close_threshold must be below open_threshold (hysteresis)")
+        if self.cusum_p0 >= self.cusum_p1:
+            raise ValueError("cusum_p0 (unblocked anomaly share) must be below cusum_p1 (blocked share)")
         return self
+
+
+class WatchWindow(BaseModel):
+    """A time-boxed watch (an election, exams): matching targets get a routing label and more sensitivity."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    start: datetime
+    end: datetime
+    countries: list[str] = Field(default_factory=list, description="empty = every country")
+    categories: list[str] = Field(default_factory=list, description="Citizen Lab category codes, e.g. NEWS")
+    urls: list[str] = Field(default_factory=list, description="URLs or domains (or app test names)")
+    asns: list[int] = Field(default_factory=list, description="networks always watched for coverage gaps")
+    sensitivity: float = Field(default=1.0, gt=0, le=10, description=">1 lowers the opening thresholds")
+    route: str | None = Field(default=None, description="routing label put on matching events")
+
+
+class WatchSettings(BaseModel):
+    """Per-country watchlists (Citizen Lab CSVs), network names and watch windows (see docs/detection.md)."""
+
+    watchlists: dict[str, Path] = Field(default_factory=dict, description="country code -> test-list CSV")
+    asn_names_files: list[Path] = Field(default_factory=list, description="CSV files with asn,name columns")
+    asn_names: dict[int, str] = Field(default_factory=dict, description="ASN -> name (wins over files)")
+    windows: list[WatchWindow] = Field(default_factory=list)
 
 
 class EnrichSettings(BaseModel):
@@ -280,6 +330,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
     enrich: EnrichSettings = Field(default_factory=EnrichSettings)
+    watch: WatchSettings = Field(default_factory=WatchSettings)
     deadletter_max_ratio: float = Field(
         default=0.5, gt=0, le=1, description="stop when more than this share of recent input is dead-lettered"
     )

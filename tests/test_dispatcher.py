@@ -1,0 +1,204 @@
+"""The dispatcher on the real (Tansu) broker, with a loopback Slack Web API and an aiosmtpd server.
+
+Every wait is on a condition with a timeout: Slack calls seen, emails received, a metric reaching a value.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from alerts.dispatcher import Dispatcher
+from censorwatch import bus
+from censorwatch.config import Settings, load_settings
+from censorwatch.models import DeadLetter, Event
+from tests.conftest import free_port
+from tests.fakes.events import life
+from tests.fakes.slack_api import FakeSlackApi, SlackFault
+from tests.fakes.smtp_server import SmtpServer
+from tests.kafka_read import read_topic
+
+pytestmark = pytest.mark.kafka
+TOKEN = "xoxb-test-token"
+
+
+class Crash(Exception):
+    """Stands for the process dying between the send (logged) and the offset commit."""
+
+
+def make_settings(base: Settings, **kw: Any) -> Settings:
+    values: dict[str, Any] = {
+        "kafka_bootstrap": base.kafka_bootstrap,
+        "topic_prefix": base.topic_prefix,
+        "topic_partitions": 2,
+        "kafka_session_timeout_seconds": 6.0,
+        "state_dir": base.state_dir,
+        "metrics": {"poller_port": 0, "worker_port": 0, "dispatcher_port": 0},
+        "alerts": {"retry_initial_seconds": 0.1, "retry_max_backoff_seconds": 0.5},
+    }
+    return load_settings(**(values | kw))
+
+
+def slack_cfg(api: FakeSlackApi, **kw: Any) -> dict[str, Any]:
+    return {"enabled": True, "token": TOKEN, "base_url": api.base_url, "channel": "#kh-alerts",
+            "min_interval_seconds": 0.0, "timeout_seconds": 5} | kw
+
+
+def email_cfg(port: int, **kw: Any) -> dict[str, Any]:
+    return {"enabled": True, "smtp_host": "127.0.0.1", "smtp_port": port, "starttls": False,
+            "recipients": ["team@example.org"], "timeout_seconds": 5} | kw
+
+
+def produce(settings: Settings, events: list[Event], raw: list[bytes] | None = None) -> None:
+    bus.ensure_topics(settings)
+    p = bus.producer(settings)
+    try:
+        records = [(b"bad", r) for r in raw or []] + [(e.event_id.encode(), e.to_bytes()) for e in events]
+        bus.send_all(p, settings.topics.events, records, timeout=30)
+    finally:
+        p.close()
+
+
+def metric(sink: str, outcome: str) -> float:
+    v = REGISTRY.get_sample_value("censorwatch_notifications_total", {"sink": sink, "outcome": outcome})
+    return v or 0.0
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@contextmanager
+def running(d: Dispatcher) -> Iterator[dict[str, Any]]:
+    """Run a dispatcher in a thread; on exit stop it and check it returned 0 (or record what it raised)."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["rc"] = d.run()
+        except BaseException as exc:  # the crash hook's exception ends up here
+            out["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    try:
+        yield out
+    finally:
+        d.stop()
+        t.join(60)
+        assert not t.is_alive(), "dispatcher did not stop"
+
+
+def test_whole_life_of_an_event_on_slack_and_email(kafka_settings: Settings) -> None:
+    with FakeSlackApi(TOKEN) as api, SmtpServer(free_port()) as smtp:
+        s = make_settings(kafka_settings, slack=slack_cfg(api), email=email_cfg(smtp.port))
+        events = life()
+        produce(s, events, raw=[b"{not json", b'{"event_id": "x"}'])
+        d = Dispatcher(s)
+        with running(d) as out:
+            api.wait_for(lambda a: len(a.calls_of("chat.postMessage")) == 4 and len(a.calls_of("chat.update")) == 3)
+            mails = smtp.wait_for(4)
+        assert out == {"rc": 0}
+
+    posts = api.calls_of("chat.postMessage")
+    updates = api.calls_of("chat.update")
+    root, replies = posts[0], posts[1:]
+    assert "thread_ts" not in root.params and root.params["channel"] == "#kh-alerts"
+    assert "www.rfa.org blocked in Cambodia on 1 ISP — DNS" in root.text
+    root_ts = next(iter(api.messages))[1]
+    assert [r.params["thread_ts"] for r in replies] == [root_ts] * 3
+    assert all(u.params["ts"] == root_ts and u.params["channel"] == "CKHALERTS" for u in updates)
+    assert "on 3 ISPs — DNS" in updates[0].text and "DNS, HTTP failure" in updates[1].text
+    assert "unblocked in Cambodia" in updates[2].text
+    assert replies[-1].text.startswith("Unblocked: www.rfa.org unblocked in Cambodia")
+    assert replies[-1].params.get("reply_broadcast") is True
+    assert not any(r.params.get("reply_broadcast") for r in replies[:-1])
+    assert len(api.calls) == 7  # nothing else was sent
+
+    subjects = [" ".join(str(m["Subject"]).split()) for _, m in mails]  # unfold encoded words
+    assert subjects[0] == "[censorwatch] New: www.rfa.org blocked in Cambodia on 1 ISP — DNS"
+    assert subjects[-1] == "[censorwatch] Unblocked: www.rfa.org unblocked in Cambodia"
+    assert all(to == ["team@example.org"] for to, _ in mails)
+    first = mails[0][1]
+    assert first.get_body(("plain",)) is not None and first.get_body(("html",)) is not None
+    assert mails[1][1]["In-Reply-To"] == mails[2][1]["In-Reply-To"]
+
+    dead = [DeadLetter.from_bytes(v) for v in read_all(s, s.topics.deadletter)]
+    assert len(dead) == 2 and all(d.stage == "dispatcher" and "undecodable" in d.reason for d in dead)
+
+
+def read_all(settings: Settings, topic: str) -> list[bytes]:
+    return [r.value for r in read_topic(settings, topic)]
+
+
+def test_crash_between_send_and_commit_sends_no_duplicate(kafka_settings: Settings) -> None:
+    with FakeSlackApi(TOKEN) as api:
+        s = make_settings(kafka_settings, slack=slack_cfg(api), console=False)
+        produce(s, life()[:1])
+
+        def crash(key: str) -> None:
+            raise Crash(key)
+
+        with running(Dispatcher(s, after_send=crash)) as out:
+            wait_until(lambda: "error" in out, what="the crash")
+        assert isinstance(out["error"], Crash)
+        assert len(api.calls_of("chat.postMessage")) == 1
+
+        before = metric("slack", "duplicate")
+        with running(Dispatcher(s)) as out2:
+            wait_until(lambda: metric("slack", "duplicate") > before, what="the duplicate to be recognised")
+            produce(s, life()[1:2])  # the thread goes on under the same root after the restart
+            api.wait_for(lambda a: len(a.calls_of("chat.postMessage")) == 2)
+        assert out2 == {"rc": 0}
+    posts = api.calls_of("chat.postMessage")
+    assert posts[1].params["thread_ts"] == next(iter(api.messages))[1]
+
+
+def test_slack_429_retry_after_and_5xx_are_retried(kafka_settings: Settings) -> None:
+    with FakeSlackApi(TOKEN) as api:
+        api.push(SlackFault.rate_limited(retry_after=1), *[SlackFault.server_error(503)] * 3)
+        s = make_settings(kafka_settings, slack=slack_cfg(api), console=False)
+        produce(s, life()[:1])
+        failed = metric("slack", "failed")
+        with running(Dispatcher(s)):
+            api.wait_for(lambda a: len(a.calls_of("chat.postMessage")) == 1)
+    calls = api.calls_of("chat.postMessage", ok_only=False)
+    assert [c.status for c in calls] == [429, 503, 503, 503, 200]
+    assert calls[1].at - calls[0].at >= 1.0  # Retry-After honoured
+    assert metric("slack", "failed") > failed
+
+
+def test_smtp_down_then_up_delivers_once(kafka_settings: Settings) -> None:
+    port = free_port()
+    s = make_settings(kafka_settings, email=email_cfg(port), console=False)
+    produce(s, life()[:1])
+    failed = metric("email", "failed")
+    smtp = SmtpServer(port)
+    with running(Dispatcher(s)):
+        wait_until(lambda: metric("email", "failed") >= failed + 2, what="failed SMTP attempts")
+        smtp.start()
+        mails = smtp.wait_for(1)
+    smtp.stop()
+    assert len(mails) == 1 and len(smtp.messages) == 1
+
+
+def test_dead_letter_after_max_retry(kafka_settings: Settings) -> None:
+    with FakeSlackApi(TOKEN) as api:
+        api.push(*[SlackFault.server_error(500)] * 50)
+        s = make_settings(kafka_settings, slack=slack_cfg(api, max_retry_seconds=1.0), console=False)
+        produce(s, life()[:1])
+        before = metric("slack", "deadlettered")
+        with running(Dispatcher(s)):
+            wait_until(lambda: metric("slack", "deadlettered") > before, what="dead-lettering")
+    dead = [DeadLetter.from_bytes(v) for v in read_all(s, s.topics.deadletter)]
+    assert len(dead) == 1 and "slack:#kh-alerts" in dead[0].reason
