@@ -97,6 +97,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         broker = EmbeddedBroker(settings.embedded_broker_port, settings.state_dir / "broker.log").start()
         env["CENSORWATCH_KAFKA_BOOTSTRAP"] = broker.bootstrap
+        # Tansu quirks (see DEVELOPERS.md): one partition, one record per producer batch for table recovery.
+        env["CENSORWATCH_BROKER_KIND"] = "tansu"
+        env["CENSORWATCH_TOPIC_PARTITIONS"] = "1"
         log.info("no CENSORWATCH_KAFKA_BOOTSTRAP set: using the embedded broker at %s", broker.bootstrap)
     if args.config:
         env["CENSORWATCH_CONFIG_FILE"] = str(Path(args.config).resolve())
@@ -104,19 +107,27 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         from censorwatch.bus import ensure_topics
 
-        ensure_topics(settings.model_copy(update={"kafka_bootstrap": env.get("CENSORWATCH_KAFKA_BOOTSTRAP")}))
+        ensure_topics(
+            settings.model_copy(
+                update={
+                    "kafka_bootstrap": env.get("CENSORWATCH_KAFKA_BOOTSTRAP"),
+                    "topic_partitions": int(env.get("CENSORWATCH_TOPIC_PARTITIONS", settings.topic_partitions)),
+                }
+            )
+        )
         exe = [sys.executable, "-m", "censorwatch"]
         for name in ("worker", "dispatch", "poll"):
             children[name] = subprocess.Popen([*exe, name], env=env)
             log.info("started %s (pid %d)", name, children[name].pid)
         print("censorwatch is up: poller, worker and dispatcher running. Ctrl-C stops everything.", flush=True)
+        failed = False
         while not stop.requested:
             for name, proc in children.items():
                 if proc.poll() is not None:
                     log.error("%s exited with status %s; stopping everything", name, proc.returncode)
-                    stop.requested = True
+                    stop.requested = failed = True
             time.sleep(0.2)
-        return 0
+        return 1 if failed else 0
     finally:
         _stop_children(children)
         if broker is not None:
@@ -158,9 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="push recorded measurements (JSONL or saved API pages) onto the topic")
     replay.add_argument("files", nargs="+", metavar="FILE")
     replay.set_defaults(func=cmd_replay)
+    from services.simulate import build_parser as add_simulate_parser
+    from streams.backtest import build_parser as add_backtest_parser
+
+    add_backtest_parser(sub)
+    add_simulate_parser(sub)
     from reports.cli import add_parser as add_report_parser
 
     add_report_parser(sub)
+    from alerts.cli import add_parser as add_silence_parser
+
+    add_silence_parser(sub)
     return parser
 
 

@@ -30,12 +30,16 @@ def blocking_series(now: datetime) -> tuple[list[dict], list[dict]]:
     """Clean measurements four days ago, then DNS anomalies from several probe runs in the last hours (simulated).
 
     The anomalies start inside the poller's look-back window, as late uploads do."""
-    clean = [
-        make_item(start=now - timedelta(days=4, hours=i), input=DOMAIN_URL, asn=ASN, seq=i) for i in range(8)
-    ]
+    clean = [make_item(start=now - timedelta(days=4, hours=i), input=DOMAIN_URL, asn=ASN, seq=i) for i in range(8)]
     blocked = [
-        make_item(start=now - timedelta(hours=5) + timedelta(minutes=20 * i), input=DOMAIN_URL, asn=ASN, anomaly=True,
-                  blocking_type="dns", seq=100 + i)
+        make_item(
+            start=now - timedelta(hours=5) + timedelta(minutes=20 * i),
+            input=DOMAIN_URL,
+            asn=ASN,
+            anomaly=True,
+            blocking_type="dns",
+            seq=100 + i,
+        )
         for i in range(10)
     ]
     return clean, blocked
@@ -79,8 +83,14 @@ def test_recorded_and_blocking_measurements_become_slack_and_email_alerts(
                 update={"enabled": True, "token": slack.token, "base_url": slack.base_url, "channel": "#kh-alerts"}
             ),
             "email": pipeline_settings.email.model_copy(
-                update={"enabled": True, "smtp_host": "127.0.0.1", "smtp_port": smtp.port, "starttls": False,
-                        "sender": "censorwatch@example.org", "recipients": ["team@example.org"]}
+                update={
+                    "enabled": True,
+                    "smtp_host": "127.0.0.1",
+                    "smtp_port": smtp.port,
+                    "starttls": False,
+                    "sender": "censorwatch@example.org",
+                    "recipients": ["team@example.org"],
+                }
             ),
         }
     )
@@ -94,8 +104,10 @@ def test_recorded_and_blocking_measurements_become_slack_and_email_alerts(
         try:
             port = settings.metrics.poller_port
             wait_until(
-                lambda: poller.check()
-                and metric_value(port, "censorwatch_poller_measurements_produced_total") >= len(unique_recorded),
+                lambda: (
+                    poller.check()
+                    and metric_value(port, "censorwatch_poller_measurements_produced_total") >= len(unique_recorded)
+                ),
                 90,
                 "the recorded measurements to be produced",
             )
@@ -105,8 +117,10 @@ def test_recorded_and_blocking_measurements_become_slack_and_email_alerts(
             api.add_items(blocked)
             poller = Service(["poll"], settings, work, name="poll2").start()
             wait_until(
-                lambda: poller.check()
-                and metric_value(port, "censorwatch_poller_measurements_produced_total") >= len(blocked),
+                lambda: (
+                    poller.check()
+                    and metric_value(port, "censorwatch_poller_measurements_produced_total") >= len(blocked)
+                ),
                 90,
                 "the blocking series to be produced after the restart",
             )
@@ -126,12 +140,11 @@ def test_recorded_and_blocking_measurements_become_slack_and_email_alerts(
             assert opened.probes >= settings.detection.min_probes
 
             # Slack: the root message for the event, with the evidence
-            slack.wait_for(
-                lambda s: any("kamnotra.io" in c.text for c in s.calls_of("chat.postMessage")), timeout=60
-            )
+            slack.wait_for(lambda s: any("kamnotra.io" in c.text for c in s.calls_of("chat.postMessage")), timeout=60)
             post = next(c for c in slack.calls_of("chat.postMessage") if "kamnotra.io" in c.text)
             assert "Cambodia" in post.text
             assert f"AS{ASN}" in post.text or str(ASN) in post.text
+
             # email: a multipart message for the event
             def kamnotra_mail() -> list:
                 return [m for _, m in smtp.messages if "kamnotra.io" in str(m["Subject"])]
@@ -150,7 +163,7 @@ def test_recorded_and_blocking_measurements_become_slack_and_email_alerts(
             assert {u for u, n in uids.items() if n > 1 and u in ours} == set()
             assert ours <= set(uids)
             # metrics over HTTP
-            assert metric_value(settings.metrics.dispatcher_port, 'censorwatch_notifications_total{') >= 1
+            assert metric_value(settings.metrics.dispatcher_port, "censorwatch_notifications_total{") >= 1
             assert metric_value(settings.metrics.worker_port, "censorwatch_worker_events_emitted_total") >= 1
             assert metric_value(port, "censorwatch_poller_last_success_timestamp_seconds") > 0
         finally:
