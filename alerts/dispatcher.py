@@ -147,15 +147,11 @@ class Dispatcher:
         if self.serve_metrics and s.metrics.dispatcher_port:
             start_http_server(s.metrics.dispatcher_port, addr=s.metrics.host)
         longest = max(s.slack.max_retry_seconds, s.email.max_retry_seconds)
-        c = bus.consumer(
-            s, group_id=GROUP, max_poll_records=50, max_poll_interval_ms=int((longest + 120) * 1000)
-        )
+        c = bus.consumer(s, group_id=GROUP, max_poll_records=50, max_poll_interval_ms=int((longest + 120) * 1000))
         c.subscribe([s.topics.events], listener=_Rebalance(self))
         self._consumer = c
         self.started.set()
-        log.info(
-            "dispatcher started: %d notification log entries, %d silences", n, len(self.silences.silences)
-        )
+        log.info("dispatcher started: %d notification log entries, %d silences", n, len(self.silences.silences))
         try:
             while not self.stopping:
                 metrics.HEARTBEAT.set_to_current_time()
@@ -349,21 +345,13 @@ class Dispatcher:
                 wait = exc.retry_after if exc.retry_after is not None else delay
                 delay = min(delay * 2, self.settings.alerts.retry_max_backoff_seconds)
                 if not exc.transient or time.monotonic() + wait > deadline:
-                    why = (
-                        "permanent error"
-                        if not exc.transient
-                        else f"gave up after {time.monotonic() - start:.0f} s"
-                    )
+                    why = "permanent error" if not exc.transient else f"gave up after {time.monotonic() - start:.0f} s"
                     log.error("%s to %s dead-lettered (%s): %s", event.notice_key, plan.receiver.id, why, exc)
-                    self._deadletter(
-                        f"{plan.receiver.id}: {why}: {exc}", event.to_bytes(), event.notice_key, sink
-                    )
+                    self._deadletter(f"{plan.receiver.id}: {why}: {exc}", event.to_bytes(), event.notice_key, sink)
                     metrics.NOTIFICATIONS.labels(sink, "deadlettered").inc()
                     self._record(event, plan, "deadlettered", reason=str(exc)[:500])
                     return None
-                log.warning(
-                    "%s to %s failed (%s); retrying in %.1f s", event.notice_key, plan.receiver.id, exc, wait
-                )
+                log.warning("%s to %s failed (%s); retrying in %.1f s", event.notice_key, plan.receiver.id, exc, wait)
                 if self._stop.wait(wait):
                     raise Stopping from None
                 continue
@@ -437,9 +425,7 @@ class Dispatcher:
             try:
                 self.silences.load()
             except Exception as exc:  # a broker blip must not stop delivery: keep the last known silences
-                log.warning(
-                    "could not refresh silences (%s); keeping %d known", exc, len(self.silences.silences)
-                )
+                log.warning("could not refresh silences (%s); keeping %d known", exc, len(self.silences.silences))
         if self._due("lag", 15.0):
             self._lag()
         if a.heartbeat_receivers and self._due("heartbeat", a.heartbeat_interval_seconds):
@@ -488,9 +474,7 @@ class Dispatcher:
                     self.slack.send_text(r.target, text)
                 elif r.sink == "email" and self.email is not None:
                     render = EmailRender(renderer.heartbeat_subject(), text + "\n", f"<p>{text}</p>")
-                    self.email.send(
-                        routing.addresses(self.settings, r), render, key=f"heartbeat#{now.isoformat()}"
-                    )
+                    self.email.send(routing.addresses(self.settings, r), render, key=f"heartbeat#{now.isoformat()}")
                 metrics.LAST_DELIVERY.labels(r.sink).set_to_current_time()
             except DeliveryError as exc:
                 log.warning("heartbeat to %s failed: %s", rid, exc)
@@ -503,11 +487,7 @@ class Dispatcher:
             if event.action is EventAction.RESOLVED or (event_id, rid) in self._pending:
                 continue
             plan = next((p for p in routing.route(self.settings, event) if p.receiver.id == rid), None)
-            if (
-                plan is None
-                or plan.repeat_interval <= 0
-                or now - at < timedelta(seconds=plan.repeat_interval)
-            ):
+            if plan is None or plan.repeat_interval <= 0 or now - at < timedelta(seconds=plan.repeat_interval):
                 continue
             if self.silences.matching(event) is not None or self._inhibited(event):
                 continue
@@ -551,9 +531,7 @@ class Dispatcher:
                 self.log.write(key, {"type": "digest", "receiver": rid, "address": address, "date": date})
 
 
-def digest_items(
-    nlog: NotificationLog, receiver: str, start: datetime, renderer: Renderer
-) -> list[DigestItem]:
+def digest_items(nlog: NotificationLog, receiver: str, start: datetime, renderer: Renderer) -> list[DigestItem]:
     """The digest's lines for one receiver since ``start``, from the notification log (survives restarts)."""
     items = []
     for value in sorted(nlog.since(start), key=lambda v: v["at"]):

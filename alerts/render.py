@@ -226,9 +226,7 @@ class Renderer:
                 text = t.phrase(key, target=target, country=country, isps=isps, methods=methods)
         else:
             prefix = "headline_outage" if event.kind is EventKind.NETWORK_OUTAGE else "headline_gap"
-            text = t.phrase(
-                prefix + ("_resolved" if resolved else ""), network=self._network(event), country=country
-            )
+            text = t.phrase(prefix + ("_resolved" if resolved else ""), network=self._network(event), country=country)
         if event.simulated:
             text = f"[{t.phrase('simulated')}] {text}"
         return escape.one_line(text)
@@ -273,9 +271,7 @@ class Renderer:
                 methods=_methods(a.methods) or t.phrase("no_method"),
                 first_seen=_when(a.first_seen, never),
             )
-            networks.append(
-                {Fmt.SLACK: "• {}", Fmt.HTML: "<li>{}</li>", Fmt.TEXT: "- {}"}[fmt].format(line(raw))
-            )
+            networks.append({Fmt.SLACK: "• {}", Fmt.HTML: "<li>{}</li>", Fmt.TEXT: "- {}"}[fmt].format(line(raw)))
         cleared = ", ".join(f"AS{n}" for n in event.cleared_asns)
         links = [(u, t.phrase("measurement", n=i)) for i, u in enumerate(event.explorer_links[:5], start=1)]
         chart = (chart_url(event), t.phrase("chart"))
@@ -286,9 +282,7 @@ class Renderer:
             measurements = ", ".join(escape.html_link(u, label) for u, label in links)
             chart_text = escape.html_link(*chart)
         else:
-            measurements = "\n".join(
-                f"{label}: {escape.safe_url(u)}" for u, label in links if escape.safe_url(u)
-            )
+            measurements = "\n".join(f"{label}: {escape.safe_url(u)}" for u, label in links if escape.safe_url(u))
             chart_text = f"{chart[1]}: {escape.safe_url(chart[0])}"
         return {
             "headline": line(self.headline(event)),
@@ -305,9 +299,7 @@ class Renderer:
             "probes": line(t.phrase("probes", probes=event.probes)),
             "networks": "\n".join(networks) or line(never),
             "cleared": block(t.phrase("cleared", asns=cleared) if cleared else ""),
-            "already_blocked": block(
-                t.phrase("already_blocked") if event.already_blocked else "", slack="_{}_"
-            ),
+            "already_blocked": block(t.phrase("already_blocked") if event.already_blocked else "", slack="_{}_"),
             "methods": line(_methods(event.methods) or t.phrase("no_method")),
             "first_seen": line(_when(event.first_seen, never)),
             "last_seen": line(_when(event.last_seen, never)),
@@ -368,9 +360,7 @@ class Renderer:
         """One log line: no escaping for a format, but controls removed so one event is one line."""
         return escape.one_line(f"{self._action(event, False)}: {self.headline(event)} [{event.notice_key}]")
 
-    def digest(
-        self, date: str, recipient: str, items: Iterable[DigestItem], silences: Iterable[str]
-    ) -> EmailRender:
+    def digest(self, date: str, recipient: str, items: Iterable[DigestItem], silences: Iterable[str]) -> EmailRender:
         """The daily digest for one recipient: what opened, changed, resolved, went quiet or was silenced."""
         items = list(items)
         none = self.t.phrase("digest_none")
@@ -383,11 +373,7 @@ class Renderer:
                 for raw, link in raws or [(none, None)]:
                     text = esc(escape.one_line(raw))
                     if fmt is Fmt.HTML:
-                        tail = (
-                            f" ({escape.html_link(link, 'Explorer')})"
-                            if link and escape.safe_url(link)
-                            else ""
-                        )
+                        tail = f" ({escape.html_link(link, 'Explorer')})" if link and escape.safe_url(link) else ""
                         out.append(f"<li>{text}{tail}</li>")
                     else:
                         url = escape.safe_url(link) if link else None
@@ -395,9 +381,7 @@ class Renderer:
                 return "\n".join(out)
 
             def section(name: str) -> str:
-                return lines(
-                    [(f"{_when(i.at, '')} {i.headline}".strip(), i.link) for i in items if i.section == name]
-                )
+                return lines([(f"{_when(i.at, '')} {i.headline}".strip(), i.link) for i in items if i.section == name])
 
             return {
                 "date": esc(escape.one_line(date)),

@@ -139,9 +139,7 @@ class SlackSink:
             error = str(data.get("error") or f"HTTP {status}")
             transient = status == 429 or status >= 500 or error in SLACK_TRANSIENT
             retry_after = _retry_after(exc.response.headers or {})
-            raise DeliveryError(
-                f"slack {method}: {error}", transient=transient, retry_after=retry_after
-            ) from None
+            raise DeliveryError(f"slack {method}: {error}", transient=transient, retry_after=retry_after) from None
         except (SlackClientError, URLError, OSError, ValueError) as exc:
             raise DeliveryError(f"slack {method}: {type(exc).__name__}: {exc}", transient=True) from None
         finally:

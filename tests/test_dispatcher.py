@@ -46,13 +46,25 @@ def make_settings(base: Settings, **kw: Any) -> Settings:
 
 
 def slack_cfg(api: FakeSlackApi, **kw: Any) -> dict[str, Any]:
-    return {"enabled": True, "token": TOKEN, "base_url": api.base_url, "channel": "#kh-alerts",
-            "min_interval_seconds": 0.0, "timeout_seconds": 5} | kw
+    return {
+        "enabled": True,
+        "token": TOKEN,
+        "base_url": api.base_url,
+        "channel": "#kh-alerts",
+        "min_interval_seconds": 0.0,
+        "timeout_seconds": 5,
+    } | kw
 
 
 def email_cfg(port: int, **kw: Any) -> dict[str, Any]:
-    return {"enabled": True, "smtp_host": "127.0.0.1", "smtp_port": port, "starttls": False,
-            "recipients": ["team@example.org"], "timeout_seconds": 5} | kw
+    return {
+        "enabled": True,
+        "smtp_host": "127.0.0.1",
+        "smtp_port": port,
+        "starttls": False,
+        "recipients": ["team@example.org"],
+        "timeout_seconds": 5,
+    } | kw
 
 
 def produce(settings: Settings, events: list[Event], raw: list[bytes] | None = None) -> None:
@@ -202,3 +214,35 @@ def test_dead_letter_after_max_retry(kafka_settings: Settings) -> None:
             wait_until(lambda: metric("slack", "deadlettered") > before, what="dead-lettering")
     dead = [DeadLetter.from_bytes(v) for v in read_all(s, s.topics.deadletter)]
     assert len(dead) == 1 and "slack:#kh-alerts" in dead[0].reason
+
+
+def test_sigterm_finishes_commits_and_exits_zero(kafka_settings: Settings) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CENSORWATCH_")}
+    env |= {
+        "CENSORWATCH_KAFKA_BOOTSTRAP": kafka_settings.bootstrap(),
+        "CENSORWATCH_TOPIC_PREFIX": kafka_settings.topic_prefix,
+        "CENSORWATCH_METRICS__DISPATCHER_PORT": "0",
+        "CENSORWATCH_KAFKA_SESSION_TIMEOUT_SECONDS": "6",
+    }
+    produce(kafka_settings, life()[:1])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "censorwatch", "dispatch"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        wait_until(lambda: any("ALERT New: www.rfa.org" in line for line in lines), what="the console alert")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(5)
+    assert any("dispatcher stopped" in line for line in lines)

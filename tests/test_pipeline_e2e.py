@@ -16,7 +16,7 @@ import pytest
 from censorwatch.config import Settings
 from censorwatch.models import Event, EventAction, Measurement
 from tests.conftest import free_port
-from tests.fakes.ooni_api import Fault, FakeOoniApi, load_recorded_items, make_item
+from tests.fakes.ooni_api import FakeOoniApi, Fault, load_recorded_items, make_item
 from tests.fakes.slack_api import FakeSlackApi
 from tests.fakes.smtp_server import SmtpServer
 from tests.kafka_read import read_topic

@@ -1,5 +1,30 @@
-"""The pure detection engine (no Faust, Kafka or HTTP): shared by the live worker and offline commands."""
+"""The pure detection engine (no Faust, Kafka, HTTP or I/O): shared by the live worker and the offline commands.
 
-from streams.detection.core import DetectionContext, Engine, StepResult, run_offline, wilson
+See docs/detection.md for the method. The contract other modules code against is re-exported here.
+"""
 
-__all__ = ["DetectionContext", "Engine", "StepResult", "run_offline", "wilson"]
+from streams.detection.context import DetectionContext, Window
+from streams.detection.core import (
+    Engine,
+    StepResult,
+    apply_changes,
+    event_state_key,
+    is_simulated,
+    run_offline,
+    series_state_key,
+)
+from streams.detection.stats import cusum_up, wilson
+
+__all__ = [
+    "DetectionContext",
+    "Engine",
+    "StepResult",
+    "Window",
+    "apply_changes",
+    "cusum_up",
+    "event_state_key",
+    "is_simulated",
+    "run_offline",
+    "series_state_key",
+    "wilson",
+]

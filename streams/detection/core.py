@@ -1,11 +1,21 @@
 """The pure detection engine: ``(state, measurement) -> (changes, events)``. No I/O, no clocks, no Kafka.
 
-State is a flat mapping of small JSON values, one key per series (``s|cc|asn|target``) and per event
-(``e|cc|t|target``), so the Faust worker can keep it in a table and ``run_offline`` in a dict — the same code path.
+State is a flat mapping of small JSON values, all of one country (the measurement topic is keyed by country):
+
+- ``c|CC``            country index: first and latest event time seen (watermark), last-seen time per ASN;
+- ``s|CC|ASN|TARGET`` one series: recent observations (time, outcome, probe, method, uid) and its state;
+- ``n|CC|ASN``        one network: which targets on it are failing now (for outage detection);
+- ``e|CC|t|TARGET``   the target event (one per site or app, across ASNs);
+- ``e|CC|n|ASN``      the network outage event; ``e|CC|g|ASN`` the coverage-gap event.
+
+The Faust worker keeps it in a table and ``run_offline`` in a dict; both apply ``StepResult.changes`` the same way,
+so live and offline runs give the same events for the same input order. Nothing here reads the wall clock: times
+come from the measurements (clamped against their receive time) and the per-country watermark.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -13,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from censorwatch.config import DetectionSettings, Settings
+from censorwatch.config import DetectionSettings
 from censorwatch.models import (
     AsnEvidence,
     Event,
@@ -23,233 +33,617 @@ from censorwatch.models import (
     Outcome,
     explorer_measurement_url,
 )
+from streams.detection.context import DetectionContext
+from streams.detection.stats import cusum_up, wilson
 
-MAX_OBS = 400  # observations kept per series window: bounds state size whatever the window length
-MAX_UIDS = 512  # recent uids kept per series for de-duplication
-CODE = {Outcome.OK: 0, Outcome.ANOMALY: 1, Outcome.CONFIRMED: 2, Outcome.FAILURE: 3}
-
-
-def wilson(k: int, n: int, z: float) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials: honest at small n, unlike k/n ± normal error."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat()
+MAX_OBS = 240  # observations kept per series: bounds a table value whatever the window and volume
+MAX_POOLED = 300  # observations kept per target across ASNs
+OK, ANOMALY, CONFIRMED, FAILURE = 0, 1, 2, 3
+CODE = {Outcome.OK: OK, Outcome.ANOMALY: ANOMALY, Outcome.CONFIRMED: CONFIRMED, Outcome.FAILURE: FAILURE}
+BLOCKED, DOWN, STATE_OK, INSUFFICIENT = "blocked", "down", "ok", "insufficient"
+SIM_MARK = "sim"  # simulated measurements: the uid's last part starts with it (services/simulate.py)
+LINKS_PER_ASN = 3
+LINKS_PER_EVENT = 5
 
 
 @dataclass(frozen=True)
 class StepResult:
+    """What one step wants done: state entries to set (None = delete), notices to send, counters to add."""
+
     changes: dict[str, Any | None]
     events: list[Event]
     counters: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
-class DetectionContext:
-    """What the engine knows beyond the measurements: network names and target categories."""
-
-    asn_names: dict[int, str] = field(default_factory=dict)
-    categories: dict[tuple[str, str], str] = field(default_factory=dict)
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> DetectionContext:
-        return cls()
-
-
-class Engine:
-    """Per-series evidence with a Wilson interval and hysteresis; one event per (cc, target) across ASNs."""
-
-    def __init__(self, settings: DetectionSettings, context: DetectionContext | None = None) -> None:
-        self.cfg = settings
-        self.ctx = context or DetectionContext()
-
-    def keys_for(self, m: Measurement) -> list[str]:
-        return [series_state_key(m.cc, m.asn, m.target), event_state_key(m.cc, m.target)]
-
-    def step(self, state: Mapping[str, Any], m: Measurement) -> StepResult:
-        skey = series_state_key(m.cc, m.asn, m.target)
-        series = dict(state.get(skey) or {"obs": [], "uids": [], "state": "insufficient"})
-        if m.uid in series["uids"]:
-            return StepResult({}, [], {"duplicate": 1})
-        ts = m.start_time.timestamp()
-        method = m.blocking_type or ("confirmed" if m.confirmed else "")
-        obs = [*series["obs"], [ts, CODE[m.outcome], m.report_id or m.uid, method, m.uid]]
-        obs.sort(key=lambda o: o[0])
-        horizon = obs[-1][0] - self.cfg.window_hours * 3600
-        obs = [o for o in obs if o[0] >= horizon][-MAX_OBS:]
-        series["obs"] = obs
-        series["uids"] = [*series["uids"], m.uid][-MAX_UIDS:]
-        before = series["state"]
-        after, evidence = self._decide(before, obs)
-        series["state"] = after
-        series["metric"] = (
-            {"share": evidence["k"] / evidence["n"], "n": evidence["n"]} if evidence["n"] else None
-        )
-        if after != "blocked" and before != "blocked":
-            series["metric"] = series["metric"] if evidence["k"] else None
-        changes: dict[str, Any | None] = {skey: series}
-        events: list[Event] = []
-        if before != after and "blocked" in (before, after):
-            ekey = event_state_key(m.cc, m.target)
-            ev_state, event = self._group(state.get(ekey), m, after == "blocked", evidence)
-            changes[ekey] = ev_state
-            if event is not None:
-                events.append(event)
-        elif after == "blocked":
-            ekey = event_state_key(m.cc, m.target)
-            current = state.get(ekey)
-            if current:
-                current = dict(current)
-                current["asns"] = {**current["asns"], str(m.asn): evidence}
-                changes[ekey] = current
-        return StepResult(changes, events, {})
-
-    def tick(self, state: Mapping[str, Any], cc: str, now: datetime) -> StepResult:
-        return StepResult({}, [], {})
-
-    def _decide(self, before: str, obs: list[list[Any]]) -> tuple[str, dict[str, Any]]:
-        valid = [o for o in obs if o[1] != CODE[Outcome.FAILURE]]
-        k = sum(1 for o in valid if o[1] in (1, 2))
-        confirmed = sum(1 for o in valid if o[1] == 2)
-        n = len(valid)
-        probes = len({o[2] for o in valid})
-        low, high = wilson(k, n, self.cfg.confidence_z)
-        methods = sorted({o[3] for o in valid if o[1] in (1, 2) and o[3]})
-        evidence = {
-            "k": k,
-            "n": n,
-            "confirmed": confirmed,
-            "probes": probes,
-            "low": round(low, 4),
-            "high": round(high, 4),
-            "methods": methods,
-            "first": _iso(min((o[0] for o in valid if o[1] in (1, 2)), default=obs[-1][0])),
-            "last": _iso(obs[-1][0]),
-            "links": [explorer_measurement_url(o[4]) for o in valid if o[1] in (1, 2)][-3:],
-        }
-        floor = n >= self.cfg.min_measurements and probes >= self.cfg.min_probes
-        if before == "blocked":
-            state = "ok" if floor and high <= self.cfg.close_threshold else "blocked"
-        elif (self.cfg.confirmed_opens and confirmed) or (floor and low >= self.cfg.open_threshold):
-            state = "blocked"
-        else:
-            state = "ok" if floor else "insufficient"
-        return state, evidence
-
-    def _group(
-        self, current: Any, m: Measurement, blocked: bool, evidence: dict[str, Any]
-    ) -> tuple[Any, Event | None]:
-        ev = dict(current) if current else None
-        if blocked:
-            if ev is None or not ev.get("open"):
-                ev = {
-                    "id": f"{m.cc}|target|{m.target}|{evidence['first']}",
-                    "version": 0,
-                    "open": True,
-                    "asns": {},
-                    "test": m.test_name,
-                    "methods": [],
-                }
-                action = EventAction.OPENED
-            else:
-                action = EventAction.UPDATED
-            ev["asns"] = {**ev["asns"], str(m.asn): evidence}
-        else:
-            if ev is None or not ev.get("open") or str(m.asn) not in ev["asns"]:
-                return current, None
-            asns = dict(ev["asns"])
-            asns.pop(str(m.asn))
-            ev["asns"] = asns
-            ev["cleared"] = [*ev.get("cleared", []), m.asn]
-            action = EventAction.UPDATED if asns else EventAction.RESOLVED
-            ev["open"] = bool(asns)
-        ev["methods"] = sorted(set(ev["methods"]) | set(evidence["methods"]))
-        ev["version"] += 1
-        return ev, self._event(ev, m, action)
-
-    def _event(self, ev: dict[str, Any], m: Measurement, action: EventAction) -> Event:
-        asns = [
-            AsnEvidence(
-                asn=int(asn),
-                name=self.ctx.asn_names.get(int(asn), ""),
-                state="blocked",
-                blocked=e["k"],
-                total=e["n"],
-                confirmed=e["confirmed"],
-                probes=e["probes"],
-                share_low=e["low"],
-                share_high=e["high"],
-                methods=e["methods"],
-                first_seen=e["first"],
-                last_seen=e["last"],
-            )
-            for asn, e in sorted(ev["asns"].items(), key=lambda kv: int(kv[0]))
-        ]
-        k = sum(a.blocked for a in asns)
-        n = sum(a.total for a in asns)
-        low, high = wilson(k, n, self.cfg.confidence_z)
-        links = [link for e in ev["asns"].values() for link in e["links"]][-5:]
-        verb = {
-            EventAction.OPENED: "blocked",
-            EventAction.UPDATED: "still blocked",
-            EventAction.RESOLVED: "unblocked",
-            EventAction.REVISED: "revised",
-        }[action]
-        return Event(
-            event_id=ev["id"],
-            version=ev["version"],
-            kind=EventKind.TARGET_BLOCKED,
-            action=action,
-            cc=m.cc,
-            target=m.target,
-            test_name=ev["test"],
-            category=self.ctx.categories.get((m.cc, m.target)),
-            asns=asns,
-            cleared_asns=ev.get("cleared", []),
-            methods=ev["methods"],
-            blocked=k,
-            total=n,
-            probes=sum(a.probes for a in asns),
-            share_low=round(low, 4),
-            share_high=round(high, 4),
-            first_seen=min((a.first_seen for a in asns if a.first_seen), default=None),
-            last_seen=max((a.last_seen for a in asns if a.last_seen), default=None),
-            summary=f"{m.target} {verb} in {m.cc} on {len(asns)} ISP(s)",
-            explorer_links=links,
-            emitted_at=m.start_time,
-            source_time=m.fetched_at,
-        )
+def country_key(cc: str) -> str:
+    return f"c|{cc}"
 
 
 def series_state_key(cc: str, asn: int, target: str) -> str:
     return f"s|{cc}|{asn}|{target}"
 
 
+def network_state_key(cc: str, asn: int) -> str:
+    return f"n|{cc}|{asn}"
+
+
+def pooled_state_key(cc: str, target: str) -> str:
+    return f"p|{cc}|{target}"
+
+
+def _short(uid: str) -> str:
+    return "#" + hashlib.blake2b(uid.encode(), digest_size=5).hexdigest()
+
+
 def event_state_key(cc: str, target: str) -> str:
     return f"e|{cc}|t|{target}"
+
+
+def outage_state_key(cc: str, asn: int) -> str:
+    return f"e|{cc}|n|{asn}"
+
+
+def gap_state_key(cc: str, asn: int) -> str:
+    return f"e|{cc}|g|{asn}"
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def _probe(m: Measurement) -> str:
+    """Probe-run identity, hashed short. An empty report_id (e.g. pipeline-v5 exports) counts the measurement
+    as its own probe run: the probe floor then degrades to the measurement floor, which is the honest reading."""
+    ident = m.report_id or f"uid:{m.uid}"
+    return hashlib.blake2b(ident.encode(), digest_size=6).hexdigest()
+
+
+def is_simulated(m: Measurement) -> bool:
+    """Simulated input is marked in its uid (``..._sim<hex>``): events built on it say so."""
+    return m.uid.rsplit("_", 1)[-1].startswith(SIM_MARK)
+
+
+def receive_time(m: Measurement) -> float | None:
+    """When the collector received it: the uid's ``YYYYMMDDHHMMSS.ffffff_`` prefix, else the fetch time."""
+    head = m.uid.split("_", 1)[0]
+    try:
+        return datetime.strptime(head, "%Y%m%d%H%M%S.%f").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return m.fetched_at.timestamp() if m.fetched_at else None
+
+
+class Engine:
+    """Per-series evidence (CUSUM to open, Wilson to clear), grouped into per-target and per-network events."""
+
+    def __init__(self, settings: DetectionSettings, context: DetectionContext | None = None) -> None:
+        self.cfg = settings
+        self.ctx = context or DetectionContext()
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def event_time(self, m: Measurement) -> float:
+        """The probe's start time, clamped to the receive time when the probe clock runs ahead of it."""
+        t = m.start_time.timestamp()
+        recv = receive_time(m)
+        if recv is not None and t > recv + self.cfg.future_skew_seconds:
+            return recv
+        return t
+
+    def keys_for(self, m: Measurement) -> list[str]:
+        """Every state key ``step`` may read for this measurement (lets the Faust agent prefetch)."""
+        return [
+            country_key(m.cc),
+            series_state_key(m.cc, m.asn, m.target),
+            pooled_state_key(m.cc, m.target),
+            network_state_key(m.cc, m.asn),
+            event_state_key(m.cc, m.target),
+            outage_state_key(m.cc, m.asn),
+            gap_state_key(m.cc, m.asn),
+        ]
+
+    def _name(self, asn: int) -> str:
+        return self.ctx.asn_names.get(asn, "")
+
+    # ---------------------------------------------------------------------------------------------- step
+    def step(self, state: Mapping[str, Any], m: Measurement) -> StepResult:
+        """Fold one measurement into the state of its country; return the changes and any notices."""
+        cfg = self.cfg
+        cc, asn, target = m.cc, m.asn, m.target
+        t = self.event_time(m)
+        ckey = country_key(cc)
+        country = dict(state.get(ckey) or {"t0": t, "wm": t, "asns": {}})
+        wm = float(country["wm"])
+        if t < wm - cfg.revision_window_hours * 3600:
+            return StepResult({}, [], {"too_late": 1})
+        skey = series_state_key(cc, asn, target)
+        series = dict(state.get(skey) or {"o": [], "st": INSUFFICIENT, "f0": t})
+        obs: list[list[Any]] = list(series["o"])
+        if any(o[4] in (m.uid, _short(m.uid)) for o in obs):
+            return StepResult({}, [], {"duplicate": 1})
+        late = t < wm - cfg.late_after_seconds
+        counters: Counter[str] = Counter()
+        changes: dict[str, Any | None] = {}
+        events: list[Event] = []
+        sim = is_simulated(m)
+
+        # Country bookkeeping: watermark, first time, last-seen per ASN (coverage gaps).
+        country["t0"] = min(float(country["t0"]), t)
+        country["wm"] = max(wm, t)
+        asns = dict(country["asns"])
+        last, count = asns.get(str(asn), [t, 0])
+        asns[str(asn)] = [max(float(last), t), min(int(count) + 1, 1_000_000)]
+        country["asns"] = asns
+        changes[ckey] = country
+
+        gkey = gap_state_key(cc, asn)
+        gap = state.get(gkey)
+        if gap and gap.get("open"):
+            gap = {**gap, "open": False, "v": gap["v"] + 1}
+            changes[gkey] = gap
+            events.append(self._gap_event(gap, cc, asn, EventAction.RESOLVED, t, sim,
+                                          f"AS{asn} {self._name(asn)} is sending measurements again".strip()))
+
+        # Series: insert (late data lands in its place), prune, evaluate.
+        outcome = CODE[m.outcome]
+        bad = outcome in (ANOMALY, CONFIRMED)
+        method = m.blocking_type or ("fingerprint" if m.confirmed_by else "unspecified")
+        # ok measurements keep only a short hash of their uid (de-duplication); anomalies keep it whole (links)
+        obs.append([round(t, 3), outcome, _probe(m), method if bad else "", m.uid if bad else _short(m.uid)])
+        obs.sort(key=lambda o: (o[0], o[4]))
+        latest = float(obs[-1][0])
+        keep = max(cfg.window_hours, cfg.revision_window_hours) * 3600
+        obs = [o for o in obs if o[0] >= latest - keep][-MAX_OBS:]
+        series["o"] = obs
+        series["f0"] = min(float(series.get("f0", t)), t)
+        if sim:
+            series["sim"] = True
+        evidence = self._evidence(obs, latest, float(series.get("clr", 0.0)))
+
+        # Network: is this target failing on this ASN? Many failing at once = outage (inhibits target alerts).
+        outage_changes, outage_events, outage_open = self._network(state, cc, asn, target, obs, latest, sim)
+        changes.update(outage_changes)
+        events += outage_events
+
+        # Pooled evidence for the target across ASNs (sparse networks rarely reach a floor on their own).
+        pkey = pooled_state_key(cc, target)
+        pooled = dict(state.get(pkey) or {"o": [], "f0": t})
+        pobs = [o for o in pooled["o"] if o[0] >= latest - cfg.pooled_window_hours * 3600]
+        if outcome != FAILURE:
+            pobs.append([round(t, 3), outcome, _probe(m), asn])
+            pobs.sort(key=lambda o: o[0])
+        pooled["o"] = pobs[-MAX_POOLED:]
+        pooled["f0"] = min(float(pooled.get("f0", t)), t)
+        changes[pkey] = pooled
+
+        ekey = event_state_key(cc, target)
+        ev = state.get(ekey)
+        event_open = bool(ev and ev.get("open"))
+        others = event_open and ev is not None and any(a != str(asn) for a in ev["a"])
+        before = series["st"]
+        after = self._decide(series, obs, evidence, cc, target, latest, event_open, others)
+        if after == BLOCKED and before != BLOCKED and outage_open:
+            after = DOWN  # explained by the network outage: no per-target alert on this ASN while it lasts
+        self._set_state(series, before, after, evidence, latest, float(country["t0"]))
+        changes[skey] = series
+
+        # Target event: grows and shrinks with the ASNs whose series are blocked.
+        asn_ev = self._asn_evidence(evidence, series)
+        if after == BLOCKED and before != BLOCKED:
+            ev, notice = self._join(ev, m, series, asn_ev, t, sim)
+            changes[ekey] = ev
+            events.append(notice)
+        elif after == BLOCKED and ev and ev.get("open") and str(asn) in ev["a"]:
+            ev = dict(ev)
+            old_methods = list(ev["m"])
+            ev["a"] = {**ev["a"], str(asn): asn_ev}
+            ev["m"] = sorted(set(ev["m"]) | set(asn_ev["m"]))
+            if sim:
+                ev["sim"] = True
+            if late:
+                ev["v"] += 1
+                counters["late_revised"] += 1
+                events.append(self._target_event(
+                    ev, cc, target, EventAction.REVISED, t,
+                    f"late measurements revised the evidence on AS{asn} ({asn_ev['k']} of {asn_ev['n']})"))
+            elif ev["m"] != old_methods:
+                ev["v"] += 1
+                events.append(self._target_event(
+                    ev, cc, target, EventAction.UPDATED, t,
+                    f"blocking method now {', '.join(ev['m'])} (same event)"))
+            changes[ekey] = ev
+        elif before == BLOCKED and after != BLOCKED and ev and ev.get("open") and str(asn) in ev["a"]:
+            ev, notice = self._leave(ev, cc, target, asn, t)
+            changes[ekey] = ev
+            events.append(notice)
+            if not ev["open"]:
+                pooled["clr"] = latest  # the pooled evidence of the ended event is spent
+        elif late and ev and str(asn) in ev.get("a", {}):
+            counters["late"] += 1
+        elif not (ev and ev.get("open")) and bad and not outage_open:
+            opened = self._pooled_open(state, changes, m, pooled, float(country["t0"]), latest, sim)
+            if opened is not None:
+                events.append(opened)
+
+        if len(events) > cfg.max_alerts_per_run:
+            counters["capped"] += len(events) - cfg.max_alerts_per_run
+            events = events[: cfg.max_alerts_per_run]
+        return StepResult(changes, events, dict(counters))
+
+    # ---------------------------------------------------------------------------------------------- tick
+    def tick(self, state: Mapping[str, Any], cc: str, now: datetime) -> StepResult:
+        """Time-driven rules for one country: coverage gaps of watched networks during watch windows."""
+        country = state.get(country_key(cc))
+        t = now.timestamp()
+        active, named = self.ctx.watched_asns(cc, t)
+        seen: dict[str, list[Any]] = dict(country["asns"]) if country else {}
+        changes: dict[str, Any | None] = {}
+        events: list[Event] = []
+        starts = [w.start for w in self.ctx.windows if w.active(cc, t)]
+        for asn_s in sorted(set(seen) | {str(a) for a in named}, key=int):
+            asn = int(asn_s)
+            last, count = seen.get(asn_s, [max(starts, default=t), 0])
+            gkey = gap_state_key(cc, asn)
+            gap = state.get(gkey)
+            is_open = bool(gap and gap.get("open"))
+            watched = active and (int(count) >= self.cfg.coverage_min_measurements or asn in named)
+            silent_h = (t - float(last)) / 3600
+            if watched and not is_open and silent_h >= self.cfg.coverage_gap_hours:
+                version = (gap["v"] if gap else 0) + 1
+                gap = {"id": f"{cc}|coverage|AS{asn}|{_iso(float(last))}", "v": version, "open": True,
+                       "last": float(last)}
+                changes[gkey] = gap
+                name = self._name(asn)
+                events.append(self._gap_event(
+                    gap, cc, asn, EventAction.OPENED, t, False,
+                    f"AS{asn} {name} silent for {silent_h:.0f} h during a watch window — ask volunteers to test"
+                    .replace("  ", " ")))
+            elif is_open and gap is not None and not active:
+                gap = {**gap, "open": False, "v": gap["v"] + 1}
+                changes[gkey] = gap
+                events.append(self._gap_event(gap, cc, asn, EventAction.RESOLVED, t, False,
+                                              "watch window ended"))
+        counters: dict[str, int] = {}
+        if len(events) > self.cfg.max_alerts_per_run:
+            counters["capped"] = len(events) - self.cfg.max_alerts_per_run
+            events = events[: self.cfg.max_alerts_per_run]
+        return StepResult(changes, events, counters)
+
+    # ------------------------------------------------------------------------------------------ evidence
+    def _sensitivity(self, cc: str, target: str, t: float) -> float:
+        return max((w.sensitivity for w in self.ctx.windows_for(cc, target, t)), default=1.0)
+
+    def _evidence(self, obs: list[list[Any]], latest: float, after: float = 0.0) -> dict[str, Any]:
+        """k of n, probes, interval, CUSUM and methods over the series window (failures are not evidence).
+
+        ``after``: the time the series last cleared; evidence spent on the previous event does not count again.
+        """
+        cfg = self.cfg
+        window = [o for o in obs if o[0] >= latest - cfg.window_hours * 3600 and o[0] > after]
+        valid = [o for o in window if o[1] != FAILURE]
+        bad = [o for o in valid if o[1] in (ANOMALY, CONFIRMED)]
+        k, n = len(bad), len(valid)
+        low, high = wilson(k, n, cfg.confidence_z)
+        s, start = cusum_up((o[1] in (ANOMALY, CONFIRMED) for o in valid), cfg.cusum_p0, cfg.cusum_p1)
+        run_probes = len({o[2] for o in valid[start:] if o[1] in (ANOMALY, CONFIRMED)})
+        return {
+            "k": k,
+            "n": n,
+            "c": sum(1 for o in valid if o[1] == CONFIRMED),
+            "f": len(window) - n,
+            "p": len({o[2] for o in valid}),
+            "lo": round(low, 4),
+            "hi": round(high, 4),
+            "s": round(s, 3),
+            "rp": run_probes,
+            "m": sorted({o[3] for o in bad if o[3]}),
+            "fs": float(bad[0][0]) if bad else None,
+            "ls": latest,
+            "u": [o[4] for o in bad[-LINKS_PER_ASN:] if not o[4].startswith("#")],
+        }
+
+    def _decide(
+        self, series: dict[str, Any], obs: list[list[Any]], e: dict[str, Any], cc: str, target: str, now: float,
+        event_open: bool, others: bool = False,
+    ) -> str:
+        """Open on a confirmed measurement, a CUSUM crossing or a high Wilson lower bound (all above the floor),
+        or join an event other ISPs already opened on a smaller majority; clear only when the last
+        ``clear_after_hours`` are clean with enough evidence (hysteresis in value and in time)."""
+        cfg = self.cfg
+        sens = self._sensitivity(cc, target, now)
+        min_n = max(1, math.ceil(cfg.min_measurements / sens))
+        floor = e["n"] >= min_n and e["p"] >= cfg.min_probes
+        before = series["st"]
+        if before == BLOCKED:
+            # Leaving an event other ISPs still show is harder than ending it: correlated blocking (a national
+            # order on an exam or election schedule) pauses at weekends without ending.
+            span = cfg.clear_after_hours * 3600 * (2 if others else 1)
+            if now - float(series.get("since", now)) < max(span, cfg.min_open_seconds):
+                return BLOCKED
+            recent = [o for o in obs if o[0] >= now - span and o[1] != FAILURE]
+            k = sum(1 for o in recent if o[1] != OK)
+            _, high = wilson(k, len(recent), cfg.confidence_z)
+            probes = len({o[2] for o in recent})
+            if len(recent) >= min_n and probes >= cfg.min_probes and high <= cfg.close_threshold:
+                return STATE_OK
+            return BLOCKED
+        if cfg.confirmed_opens and e["c"]:
+            return BLOCKED
+        if e["s"] >= cfg.cusum_threshold / sens and e["n"] >= min_n and e["rp"] >= cfg.min_probes:
+            return BLOCKED
+        if floor and e["lo"] >= cfg.open_threshold:
+            return BLOCKED
+        if event_open and self._supports(e["k"], e["n"]):
+            return BLOCKED
+        return STATE_OK if floor else INSUFFICIENT
+
+    def _supports(self, k: int, n: int) -> bool:
+        """Enough for an ASN to join an event other ISPs opened: a few anomalies and a majority of its tests."""
+        return k >= self.cfg.join_min_blocked and 2 * k > n
+
+    def _set_state(
+        self, series: dict[str, Any], before: str, after: str, e: dict[str, Any], now: float, t0: float
+    ) -> None:
+        if after != before:
+            series["since"] = now
+        if before == BLOCKED and after == STATE_OK:
+            series["clr"] = now
+        series["st"] = after
+        if after == STATE_OK:
+            series["ok"] = True
+        if after == BLOCKED and before != BLOCKED:
+            series["ab"] = (not series.get("ok")) and float(series["f0"]) - t0 <= self.cfg.warmup_hours * 3600
+            series["run"] = e["fs"] if e["fs"] is not None else now
+        series["metric"] = (
+            {"share": round(e["k"] / e["n"], 4), "n": e["n"]}
+            if e["n"] and (e["k"] or after in (BLOCKED, DOWN))
+            else None
+        )
+
+    def _pooled_open(
+        self, state: Mapping[str, Any], changes: dict[str, Any | None], m: Measurement, pooled: dict[str, Any],
+        t0: float, now: float, sim: bool,
+    ) -> Event | None:
+        """Open the target event on evidence pooled across ISPs: a CUSUM crossing over the pooled window, with
+        the floor met and anomalies from at least two ASNs and ``min_probes`` probes. Every ASN whose own
+        tests mostly failed joins at once (their series are marked blocked)."""
+        cfg = self.cfg
+        cc, target = m.cc, m.target
+        pobs = [o for o in pooled["o"] if o[0] > float(pooled.get("clr", 0.0))]
+        sens = self._sensitivity(cc, target, now)
+        min_n = max(1, math.ceil(cfg.min_measurements / sens))
+        s, start = cusum_up((o[1] != OK for o in pobs), cfg.cusum_p0, cfg.cusum_p1)
+        run = [o for o in pobs[start:] if o[1] != OK]
+        # Pooling many sparse series multiplies the chances of a chance cluster: ask 1.5x the evidence.
+        if s < 1.5 * cfg.cusum_threshold / sens or len(pobs) < min_n or len({o[2] for o in run}) < cfg.min_probes:
+            return None
+        if len({o[3] for o in run}) < 2:
+            return None
+        per_asn: dict[int, list[int]] = {}
+        for o in pobs:
+            kn = per_asn.setdefault(int(o[3]), [0, 0])
+            kn[0] += o[1] != OK
+            kn[1] += 1
+        members = sorted(a for a, (k, n) in per_asn.items() if k >= 1 and 2 * k > n)
+        ev: Any = state.get(event_state_key(cc, target))
+        version = (ev["v"] if ev else 0) + 1
+        notice: Event | None = None
+        for asn in members:
+            if state.get(outage_state_key(cc, asn), {}).get("open"):
+                continue
+            skey = series_state_key(cc, asn, target)
+            series = dict(changes.get(skey) or state.get(skey) or {})
+            if not series or series.get("st") == BLOCKED:
+                continue
+            e = self._evidence(series["o"], float(series["o"][-1][0]), float(series.get("clr", 0.0)))
+            before = series["st"]
+            self._set_state(series, before, BLOCKED, e, now, t0)
+            changes[skey] = series
+            mm = m if asn == m.asn else m.model_copy(update={"asn": asn})
+            ev, first = self._join(ev, mm, series, self._asn_evidence(e, series), now, sim)
+            notice = notice or first
+        if ev is None or notice is None:
+            return None
+        ev["v"] = version  # one notice for the whole opening, carrying every ASN that joined
+        changes[event_state_key(cc, target)] = ev
+        what = notice.summary.removeprefix("[SIMULATED] ").split(" on AS")[0]
+        return self._target_event(ev, cc, target, EventAction.OPENED, now,
+                                  f"{what} on {len(ev['a'])} ISPs (evidence pooled across ISPs)")
+
+    @staticmethod
+    def _asn_evidence(e: dict[str, Any], series: dict[str, Any]) -> dict[str, Any]:
+        return {key: e[key] for key in ("k", "n", "c", "f", "p", "lo", "hi", "m", "ls", "u")} | {
+            "fs": series.get("run", e["fs"]),
+            "ab": bool(series.get("ab")),
+        }
+
+    # ------------------------------------------------------------------------------------------- networks
+    def _network(
+        self, state: Mapping[str, Any], cc: str, asn: int, target: str, obs: list[list[Any]], now: float,
+        sim: bool,
+    ) -> tuple[dict[str, Any | None], list[Event], bool]:
+        """Track failing targets per ASN; open one outage event when most of them fail at once."""
+        cfg = self.cfg
+        nkey = network_state_key(cc, asn)
+        net = dict(state.get(nkey) or {"t": {}})
+        recent = [o for o in obs if o[0] >= now - cfg.window_hours * 3600][-3:]
+        failing = len(recent) >= 2 and all(o[1] != OK for o in recent)
+        horizon = now - cfg.window_hours * 3600
+        targets = {k: v for k, v in net["t"].items() if v[0] >= horizon}
+        targets[target] = [now, 1 if failing else 0]
+        net["t"] = targets
+        changes: dict[str, Any | None] = {nkey: net}
+        n_recent = len(targets)
+        n_bad = sum(v[1] for v in targets.values())
+        okey = outage_state_key(cc, asn)
+        out = state.get(okey)
+        is_open = bool(out and out.get("open"))
+        events: list[Event] = []
+        share = n_bad / n_recent if n_recent else 0.0
+        if not is_open and n_bad >= cfg.outage_min_targets and share >= cfg.outage_share:
+            version = (out["v"] if out else 0) + 1
+            out = {"id": f"{cc}|network|AS{asn}|{_iso(now)}", "v": version, "open": True, "opened": now,
+                   "bad": n_bad, "of": n_recent, "sim": sim}
+            changes[okey] = out
+            events.append(self._outage_event(out, cc, asn, EventAction.OPENED, now,
+                                             f"{n_bad} of {n_recent} targets failing at once"))
+            is_open = True
+        elif is_open and out is not None and (share < cfg.outage_share / 2 or n_bad < cfg.outage_min_targets / 2):
+            out = {**out, "open": False, "v": out["v"] + 1, "bad": n_bad, "of": n_recent}
+            changes[okey] = out
+            events.append(self._outage_event(out, cc, asn, EventAction.RESOLVED, now,
+                                             f"only {n_bad} of {n_recent} targets failing now"))
+            is_open = False
+        return changes, events, is_open
+
+    # --------------------------------------------------------------------------------------------- events
+    def _join(
+        self, ev: Any, m: Measurement, series: dict[str, Any], asn_ev: dict[str, Any], t: float, sim: bool
+    ) -> tuple[dict[str, Any], Event]:
+        cc, asn, target = m.cc, m.asn, m.target
+        name = self._name(asn)
+        if not ev or not ev.get("open"):
+            opened = float(asn_ev["fs"] if asn_ev["fs"] is not None else t)
+            new = {
+                "id": f"{cc}|target|{target}|{_iso(opened)}",
+                "v": (ev["v"] if ev else 0) + 1,
+                "open": True,
+                "test": m.test_name,
+                "a": {str(asn): asn_ev},
+                "cl": [],
+                "m": list(asn_ev["m"]),
+                "ab": bool(asn_ev["ab"]),
+                "sim": sim,
+            }
+            if new["ab"]:
+                what = f"already blocked when monitoring began (first measured {_iso(float(series['f0']))[:10]})"
+            else:
+                what = "blocked"
+            summary = f"{target} {what} in {cc} on AS{asn} {name}".rstrip()
+            return new, self._target_event(new, cc, target, EventAction.OPENED, t, summary)
+        ev = dict(ev)
+        ev["a"] = {**ev["a"], str(asn): asn_ev}
+        ev["cl"] = [a for a in ev["cl"] if a != asn]
+        ev["m"] = sorted(set(ev["m"]) | set(asn_ev["m"]))
+        ev["v"] += 1
+        ev["sim"] = bool(ev.get("sim")) or sim
+        summary = f"AS{asn} {name} joined: {target} now blocked on {len(ev['a'])} ISPs".replace("  ", " ")
+        return ev, self._target_event(ev, cc, target, EventAction.UPDATED, t, summary)
+
+    def _leave(self, ev: dict[str, Any], cc: str, target: str, asn: int, t: float) -> tuple[dict[str, Any], Event]:
+        ev = dict(ev)
+        members = dict(ev["a"])
+        gone = members.pop(str(asn))
+        ev["v"] += 1
+        ev["cl"] = [*ev["cl"], asn][-50:]
+        if members:
+            ev["a"] = members
+            summary = f"AS{asn} cleared: {target} still blocked on {len(members)} ISPs"
+            return ev, self._target_event(ev, cc, target, EventAction.UPDATED, t, summary)
+        ev["open"] = False
+        ev["last"] = gone  # keep the final evidence for the resolved notice
+        ev["a"] = {str(asn): {**gone, "ls": t}}
+        notice = self._target_event(ev, cc, target, EventAction.RESOLVED, t,
+                                    f"{target} no longer blocked in {cc}: the last ISP (AS{asn}) cleared",
+                                    cleared=True)
+        ev["a"] = {}
+        return ev, notice
+
+    def _severity(self, ev: dict[str, Any], watch: str | None) -> str:
+        if ev.get("ab"):
+            return "info"
+        return "critical" if watch else "warning"
+
+    def _target_event(
+        self, ev: dict[str, Any], cc: str, target: str, action: EventAction, t: float, summary: str,
+        *, cleared: bool = False,
+    ) -> Event:
+        state = "ok" if cleared else "blocked"
+        asns = [
+            AsnEvidence(
+                asn=int(a), name=self._name(int(a)), state=state, blocked=e["k"], total=e["n"],
+                confirmed=e["c"], failures=e["f"], probes=e["p"], share_low=e["lo"], share_high=e["hi"],
+                methods=e["m"], first_seen=_dt(e["fs"]) if e["fs"] is not None else None, last_seen=_dt(e["ls"]),
+                already_blocked=e["ab"],
+            )
+            for a, e in sorted(ev["a"].items(), key=lambda kv: int(kv[0]))
+        ]
+        k = sum(a.blocked for a in asns)
+        n = sum(a.total for a in asns)
+        low, high = wilson(k, n, self.cfg.confidence_z)
+        uids = [u for e in ev["a"].values() for u in e["u"]]
+        windows = self.ctx.windows_for(cc, target, t)
+        watch = windows[0].label if windows else None
+        sim = bool(ev.get("sim"))
+        return Event(
+            event_id=ev["id"], version=ev["v"], kind=EventKind.TARGET_BLOCKED, action=action, cc=cc,
+            target=target, test_name=ev["test"], category=self.ctx.category(cc, target), asns=asns,
+            cleared_asns=list(ev["cl"]), methods=list(ev["m"]), blocked=k, total=n,
+            probes=sum(a.probes for a in asns), share_low=round(low, 4), share_high=round(high, 4),
+            first_seen=min((a.first_seen for a in asns if a.first_seen), default=None),
+            last_seen=max((a.last_seen for a in asns if a.last_seen), default=None),
+            already_blocked=bool(ev.get("ab")), severity=self._severity(ev, watch),  # type: ignore[arg-type]
+            watch=watch, summary=("[SIMULATED] " if sim else "") + summary,
+            explorer_links=[explorer_measurement_url(u) for u in uids[-LINKS_PER_EVENT:]], simulated=sim,
+            emitted_at=_dt(t),
+        )
+
+    def _outage_event(self, out: dict[str, Any], cc: str, asn: int, action: EventAction, t: float,
+                      summary: str) -> Event:
+        name = self._name(asn)
+        sim = bool(out.get("sim"))
+        return Event(
+            event_id=out["id"], version=out["v"], kind=EventKind.NETWORK_OUTAGE, action=action, cc=cc, asn=asn,
+            asns=[AsnEvidence(asn=asn, name=name, state="down" if out["open"] else "ok")],
+            first_seen=_dt(float(out["opened"])), last_seen=_dt(t), severity="critical",
+            summary=("[SIMULATED] " if sim else "") + f"AS{asn} {name}: {summary} (outage or network-wide "
+            "block; per-target alerts on this network are held back)".replace("  ", " "),
+            simulated=sim, emitted_at=_dt(t),
+        )
+
+    def _gap_event(self, gap: dict[str, Any], cc: str, asn: int, action: EventAction, t: float, sim: bool,
+                   summary: str) -> Event:
+        return Event(
+            event_id=gap["id"], version=gap["v"], kind=EventKind.COVERAGE_GAP, action=action, cc=cc, asn=asn,
+            asns=[AsnEvidence(asn=asn, name=self._name(asn), state="insufficient")],
+            last_seen=_dt(float(gap["last"])), severity="warning",
+            summary=("[SIMULATED] " if sim else "") + summary, simulated=sim, emitted_at=_dt(t),
+        )
+
+
+def apply_changes(state: dict[str, Any], changes: Mapping[str, Any | None]) -> None:
+    """Apply a step's changes to a plain dict exactly as the Faust agent applies them to its table."""
+    for key, value in changes.items():
+        if value is None:
+            state.pop(key, None)
+        else:
+            state[key] = value
 
 
 def run_offline(
     engine: Engine, measurements: Iterable[Measurement], *, tick_every: timedelta | None = None
 ) -> tuple[dict[str, Any], list[Event], Counter[str]]:
-    """The live path's steps over a plain dict, in input order."""
+    """The live path's steps over a plain dict, in input order; ticks (if asked) in measurement time."""
     state: dict[str, Any] = {}
     events: list[Event] = []
     counters: Counter[str] = Counter()
+    next_tick: dict[str, float] = {}
+    every = tick_every.total_seconds() if tick_every else 0.0
     for m in measurements:
+        if every > 0:
+            t = engine.event_time(m)
+            due = next_tick.setdefault(m.cc, t + every)
+            while t >= due:
+                result = engine.tick(state, m.cc, _dt(due))
+                apply_changes(state, result.changes)
+                events += result.events
+                counters.update(result.counters)
+                due += every
+            next_tick[m.cc] = due
         result = engine.step(state, m)
-        for key, value in result.changes.items():
-            if value is None:
-                state.pop(key, None)
-            else:
-                state[key] = value
+        apply_changes(state, result.changes)
         events += result.events
         counters.update(result.counters)
     return state, events, counters

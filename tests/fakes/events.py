@@ -59,9 +59,7 @@ def life(event_id: str = "KH|web_connectivity|www.rfa.org", **kw: Any) -> list[E
     return [
         event(1, EventAction.OPENED, one, event_id=event_id, summary="blocked on EZECOM", **kw),
         event(2, EventAction.UPDATED, three, event_id=event_id, summary="2 ISPs joined", **kw),
-        event(
-            3, EventAction.UPDATED, changed, event_id=event_id, summary="method changed: HTTP failure", **kw
-        ),
+        event(3, EventAction.UPDATED, changed, event_id=event_id, summary="method changed: HTTP failure", **kw),
         event(
             4,
             EventAction.RESOLVED,

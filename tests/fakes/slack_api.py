@@ -165,8 +165,6 @@ class FakeSlackApi:
         self._thread.start()
         return self
 
-    def __exit__(
-        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
         self.server.shutdown()
         self.server.server_close()

@@ -58,7 +58,5 @@ class SmtpServer:
     def __enter__(self) -> SmtpServer:
         return self.start()
 
-    def __exit__(
-        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
