@@ -338,7 +338,13 @@ class Dispatcher:
         delay = self.settings.alerts.retry_initial_seconds
         while True:
             try:
-                extra = send()
+                try:
+                    extra = send()
+                except (DeliveryError, Stopping):
+                    raise
+                except Exception as bug:  # a rendering/encoding bug on odd input: dead-letter it, go on
+                    log.exception("cannot deliver %s to %s", event.notice_key, plan.receiver.id)
+                    raise DeliveryError(f"{type(bug).__name__}: {bug}", transient=False) from None
             except DeliveryError as exc:
                 metrics.NOTIFICATIONS.labels(sink, "failed").inc()
                 self._counts["failed"] += 1

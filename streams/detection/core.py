@@ -198,6 +198,9 @@ class Engine:
         obs = [o for o in obs if o[0] >= latest - keep][-MAX_OBS:]
         series["o"] = obs
         series["f0"] = min(float(series.get("f0", t)), t)
+        if outcome != FAILURE and t - float(country["t0"]) <= cfg.warmup_hours * 3600:  # warm-up history
+            k_hist, n_hist = series.get("h", [0, 0])
+            series["h"] = [k_hist + (1 if bad else 0), n_hist + 1]
         if sim:
             series["sim"] = True
         evidence = self._evidence(obs, latest, float(series.get("clr", 0.0)))
@@ -380,7 +383,8 @@ class Engine:
         return STATE_OK if floor else INSUFFICIENT
 
     def _supports(self, k: int, n: int) -> bool:
-        """Enough for an ASN to join an event other ISPs opened: a few anomalies and a majority of its tests."""
+        """Enough for an ASN to join an event other ISPs opened: a few anomalies and a majority of its tests
+        (scattered single anomalies on a quiet network never are)."""
         return k >= self.cfg.join_min_blocked and 2 * k > n
 
     def _set_state(
@@ -394,8 +398,11 @@ class Engine:
         if after == STATE_OK:
             series["ok"] = True
         if after == BLOCKED and before != BLOCKED:
-            series["ab"] = (not series.get("ok")) and float(series["f0"]) - t0 <= self.cfg.warmup_hours * 3600
+            # Warm-up: a series first measured within warm-up whose history until now was mostly anomalous was
+            # already blocked when monitoring began; a block that starts later (after clean history) is news.
             series["run"] = e["fs"] if e["fs"] is not None else now
+            k_hist, n_hist = series.get("h", [0, 0])
+            series["ab"] = n_hist > 0 and 2 * k_hist >= n_hist
         series["metric"] = (
             {"share": round(e["k"] / e["n"], 4), "n": e["n"]}
             if e["n"] and (e["k"] or after in (BLOCKED, DOWN))
@@ -426,7 +433,7 @@ class Engine:
             kn = per_asn.setdefault(int(o[3]), [0, 0])
             kn[0] += o[1] != OK
             kn[1] += 1
-        members = sorted(a for a, (k, n) in per_asn.items() if k >= 1 and 2 * k > n)
+        members = sorted(a for a, (k, n) in per_asn.items() if self._supports(k, n))
         ev: Any = state.get(event_state_key(cc, target))
         version = (ev["v"] if ev else 0) + 1
         notice: Event | None = None
@@ -447,6 +454,7 @@ class Engine:
         if ev is None or notice is None:
             return None
         ev["v"] = version  # one notice for the whole opening, carrying every ASN that joined
+        ev["ab"] = any(e.get("ab") for e in ev["a"].values())
         changes[event_state_key(cc, target)] = ev
         what = notice.summary.removeprefix("[SIMULATED] ").split(" on AS")[0]
         return self._target_event(ev, cc, target, EventAction.OPENED, now,
