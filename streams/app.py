@@ -116,6 +116,43 @@ def publish_series(result: StepResult) -> None:
         )
 
 
+EVENT_KINDS = {"t": "target_blocked", "n": "network_outage", "g": "coverage_gap"}
+
+
+class OpenEvents:
+    """Open events per (kind, cc) for the ``events_open`` gauge, from the engine's event state entries."""
+
+    def __init__(self, countries: list[str]) -> None:
+        self.open: dict[str, tuple[str, str]] = {}
+        self.seen: set[tuple[str, str]] = {(kind, cc) for cc in countries for kind in EVENT_KINDS.values()}
+        self.publish()
+
+    def track(self, key: str, value: Any) -> None:
+        parts = key.split("|")
+        if len(parts) < 4 or parts[0] != "e" or parts[2] not in EVENT_KINDS:
+            return
+        if isinstance(value, dict) and value.get("open"):
+            self.open[key] = (EVENT_KINDS[parts[2]], parts[1])
+        else:
+            self.open.pop(key, None)
+
+    def rescan(self, table: Mapping[str, Any]) -> None:
+        """Rebuild from the table: after recovery from the changelog the incremental view starts empty."""
+        self.open.clear()
+        for key in list(table.keys()):
+            if key.startswith("e|"):
+                self.track(key, table.get(key))
+        self.publish()
+
+    def publish(self) -> None:
+        counts: dict[tuple[str, str], int] = {}
+        for kind_cc in self.open.values():
+            counts[kind_cc] = counts.get(kind_cc, 0) + 1
+        self.seen |= set(counts)
+        for kind, cc in self.seen:
+            metrics.EVENTS_OPEN.labels(kind=kind, cc=cc).set(counts.get((kind, cc), 0))
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
     """Build the Faust app for these settings (one app per process)."""
     topics = settings.topics
@@ -160,6 +197,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         partitions=settings.topic_partitions,
     )
     guard = DeadLetterGuard(settings.deadletter_max_ratio)
+    open_events = OpenEvents(settings.countries)
+    metrics.DEADLETTER_TOTAL.labels(stage="worker")  # exported at 0 from the start, as are the late kinds
+    for kind in ("revised", "too_late"):
+        metrics.LATE_MEASUREMENTS.labels(kind=kind)
 
     async def dead_letter(reason: str, raw: bytes, key: bytes | None, source: str) -> None:
         letter = DeadLetter.of(
@@ -216,6 +257,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
                 state.pop(key, None)
             else:
                 state[key] = value  # assign back: in-place mutation never reaches the changelog
+            open_events.track(key, value)
+        open_events.publish()
         for ev, m in outgoing:
             await events_topic.send(key=ev.event_id.encode(), value=ev.to_bytes())
             metrics.EVENTS_EMITTED.labels(kind=ev.kind.value, action=ev.action.value).inc()
@@ -227,6 +270,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         now = datetime.now(UTC)
         for cc in settings.countries:
             await measurements_topic.send(key=cc.encode(), value=tick_record(now))
+
+    @app.timer(interval=30.0)
+    async def recount_open_events() -> None:
+        open_events.rescan(state)
 
     app.censorwatch_state = state  # type: ignore[attr-defined]
     app.censorwatch_detect = detect  # type: ignore[attr-defined]
