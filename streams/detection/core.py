@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from censorwatch.config import DetectionSettings
 from censorwatch.models import (
@@ -133,7 +133,9 @@ class Engine:
         return t
 
     def keys_for(self, m: Measurement) -> list[str]:
-        """Every state key ``step`` may read for this measurement (lets the Faust agent prefetch)."""
+        """The state keys ``step`` reads for this measurement (lets the Faust agent prefetch). When evidence
+        pooled across ISPs opens an event, ``step`` also reads the target's other series ``s|CC|*|TARGET``
+        (the ASNs listed in ``p|CC|TARGET``); the worker's read-through view serves those from the table."""
         return [
             country_key(m.cc),
             series_state_key(m.cc, m.asn, m.target),
@@ -183,8 +185,17 @@ class Engine:
         if gap and gap.get("open"):
             gap = {**gap, "open": False, "v": gap["v"] + 1}
             changes[gkey] = gap
-            events.append(self._gap_event(gap, cc, asn, EventAction.RESOLVED, t, sim,
-                                          f"AS{asn} {self._name(asn)} is sending measurements again".strip()))
+            events.append(
+                self._gap_event(
+                    gap,
+                    cc,
+                    asn,
+                    EventAction.RESOLVED,
+                    t,
+                    sim,
+                    f"AS{asn} {self._name(asn)} is sending measurements again".strip(),
+                )
+            )
 
         # Series: insert (late data lands in its place), prune, evaluate.
         outcome = CODE[m.outcome]
@@ -248,14 +259,23 @@ class Engine:
             if late:
                 ev["v"] += 1
                 counters["late_revised"] += 1
-                events.append(self._target_event(
-                    ev, cc, target, EventAction.REVISED, t,
-                    f"late measurements revised the evidence on AS{asn} ({asn_ev['k']} of {asn_ev['n']})"))
+                events.append(
+                    self._target_event(
+                        ev,
+                        cc,
+                        target,
+                        EventAction.REVISED,
+                        t,
+                        f"late measurements revised the evidence on AS{asn} ({asn_ev['k']} of {asn_ev['n']})",
+                    )
+                )
             elif ev["m"] != old_methods:
                 ev["v"] += 1
-                events.append(self._target_event(
-                    ev, cc, target, EventAction.UPDATED, t,
-                    f"blocking method now {', '.join(ev['m'])} (same event)"))
+                events.append(
+                    self._target_event(
+                        ev, cc, target, EventAction.UPDATED, t, f"blocking method now {', '.join(ev['m'])} (same event)"
+                    )
+                )
             changes[ekey] = ev
         elif before == BLOCKED and after != BLOCKED and ev and ev.get("open") and str(asn) in ev["a"]:
             ev, notice = self._leave(ev, cc, target, asn, t)
@@ -295,19 +315,30 @@ class Engine:
             silent_h = (t - float(last)) / 3600
             if watched and not is_open and silent_h >= self.cfg.coverage_gap_hours:
                 version = (gap["v"] if gap else 0) + 1
-                gap = {"id": f"{cc}|coverage|AS{asn}|{_iso(float(last))}", "v": version, "open": True,
-                       "last": float(last)}
+                gap = {
+                    "id": f"{cc}|coverage|AS{asn}|{_iso(float(last))}",
+                    "v": version,
+                    "open": True,
+                    "last": float(last),
+                }
                 changes[gkey] = gap
                 name = self._name(asn)
-                events.append(self._gap_event(
-                    gap, cc, asn, EventAction.OPENED, t, False,
-                    f"AS{asn} {name} silent for {silent_h:.0f} h during a watch window — ask volunteers to test"
-                    .replace("  ", " ")))
+                events.append(
+                    self._gap_event(
+                        gap,
+                        cc,
+                        asn,
+                        EventAction.OPENED,
+                        t,
+                        False,
+                        f"AS{asn} {name} silent for {silent_h:.0f} h during a watch window"
+                        " — ask volunteers to test".replace("  ", " "),
+                    )
+                )
             elif is_open and gap is not None and not active:
                 gap = {**gap, "open": False, "v": gap["v"] + 1}
                 changes[gkey] = gap
-                events.append(self._gap_event(gap, cc, asn, EventAction.RESOLVED, t, False,
-                                              "watch window ended"))
+                events.append(self._gap_event(gap, cc, asn, EventAction.RESOLVED, t, False, "watch window ended"))
         counters: dict[str, int] = {}
         if len(events) > self.cfg.max_alerts_per_run:
             counters["capped"] = len(events) - self.cfg.max_alerts_per_run
@@ -348,8 +379,15 @@ class Engine:
         }
 
     def _decide(
-        self, series: dict[str, Any], obs: list[list[Any]], e: dict[str, Any], cc: str, target: str, now: float,
-        event_open: bool, others: bool = False,
+        self,
+        series: dict[str, Any],
+        obs: list[list[Any]],
+        e: dict[str, Any],
+        cc: str,
+        target: str,
+        now: float,
+        event_open: bool,
+        others: bool = False,
     ) -> str:
         """Open on a confirmed measurement, a CUSUM crossing or a high Wilson lower bound (all above the floor),
         or join an event other ISPs already opened on a smaller majority; clear only when the last
@@ -410,8 +448,14 @@ class Engine:
         )
 
     def _pooled_open(
-        self, state: Mapping[str, Any], changes: dict[str, Any | None], m: Measurement, pooled: dict[str, Any],
-        t0: float, now: float, sim: bool,
+        self,
+        state: Mapping[str, Any],
+        changes: dict[str, Any | None],
+        m: Measurement,
+        pooled: dict[str, Any],
+        t0: float,
+        now: float,
+        sim: bool,
     ) -> Event | None:
         """Open the target event on evidence pooled across ISPs: a CUSUM crossing over the pooled window, with
         the floor met and anomalies from at least two ASNs and ``min_probes`` probes. Every ASN whose own
@@ -457,8 +501,9 @@ class Engine:
         ev["ab"] = any(e.get("ab") for e in ev["a"].values())
         changes[event_state_key(cc, target)] = ev
         what = notice.summary.removeprefix("[SIMULATED] ").split(" on AS")[0]
-        return self._target_event(ev, cc, target, EventAction.OPENED, now,
-                                  f"{what} on {len(ev['a'])} ISPs (evidence pooled across ISPs)")
+        return self._target_event(
+            ev, cc, target, EventAction.OPENED, now, f"{what} on {len(ev['a'])} ISPs (evidence pooled across ISPs)"
+        )
 
     @staticmethod
     def _asn_evidence(e: dict[str, Any], series: dict[str, Any]) -> dict[str, Any]:
@@ -469,7 +514,13 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------- networks
     def _network(
-        self, state: Mapping[str, Any], cc: str, asn: int, target: str, obs: list[list[Any]], now: float,
+        self,
+        state: Mapping[str, Any],
+        cc: str,
+        asn: int,
+        target: str,
+        obs: list[list[Any]],
+        now: float,
         sim: bool,
     ) -> tuple[dict[str, Any | None], list[Event], bool]:
         """Track failing targets per ASN; open one outage event when most of them fail at once."""
@@ -492,17 +543,30 @@ class Engine:
         share = n_bad / n_recent if n_recent else 0.0
         if not is_open and n_bad >= cfg.outage_min_targets and share >= cfg.outage_share:
             version = (out["v"] if out else 0) + 1
-            out = {"id": f"{cc}|network|AS{asn}|{_iso(now)}", "v": version, "open": True, "opened": now,
-                   "bad": n_bad, "of": n_recent, "sim": sim}
+            out = {
+                "id": f"{cc}|network|AS{asn}|{_iso(now)}",
+                "v": version,
+                "open": True,
+                "opened": now,
+                "bad": n_bad,
+                "of": n_recent,
+                "sim": sim,
+            }
             changes[okey] = out
-            events.append(self._outage_event(out, cc, asn, EventAction.OPENED, now,
-                                             f"{n_bad} of {n_recent} targets failing at once"))
+            events.append(
+                self._outage_event(
+                    out, cc, asn, EventAction.OPENED, now, f"{n_bad} of {n_recent} targets failing at once"
+                )
+            )
             is_open = True
         elif is_open and out is not None and (share < cfg.outage_share / 2 or n_bad < cfg.outage_min_targets / 2):
             out = {**out, "open": False, "v": out["v"] + 1, "bad": n_bad, "of": n_recent}
             changes[okey] = out
-            events.append(self._outage_event(out, cc, asn, EventAction.RESOLVED, now,
-                                             f"only {n_bad} of {n_recent} targets failing now"))
+            events.append(
+                self._outage_event(
+                    out, cc, asn, EventAction.RESOLVED, now, f"only {n_bad} of {n_recent} targets failing now"
+                )
+            )
             is_open = False
         return changes, events, is_open
 
@@ -553,27 +617,50 @@ class Engine:
         ev["open"] = False
         ev["last"] = gone  # keep the final evidence for the resolved notice
         ev["a"] = {str(asn): {**gone, "ls": t}}
-        notice = self._target_event(ev, cc, target, EventAction.RESOLVED, t,
-                                    f"{target} no longer blocked in {cc}: the last ISP (AS{asn}) cleared",
-                                    cleared=True)
+        notice = self._target_event(
+            ev,
+            cc,
+            target,
+            EventAction.RESOLVED,
+            t,
+            f"{target} no longer blocked in {cc}: the last ISP (AS{asn}) cleared",
+            cleared=True,
+        )
         ev["a"] = {}
         return ev, notice
 
-    def _severity(self, ev: dict[str, Any], watch: str | None) -> str:
+    def _severity(self, ev: dict[str, Any], watch: str | None) -> Literal["info", "warning", "critical"]:
         if ev.get("ab"):
             return "info"
         return "critical" if watch else "warning"
 
     def _target_event(
-        self, ev: dict[str, Any], cc: str, target: str, action: EventAction, t: float, summary: str,
-        *, cleared: bool = False,
+        self,
+        ev: dict[str, Any],
+        cc: str,
+        target: str,
+        action: EventAction,
+        t: float,
+        summary: str,
+        *,
+        cleared: bool = False,
     ) -> Event:
         state = "ok" if cleared else "blocked"
         asns = [
             AsnEvidence(
-                asn=int(a), name=self._name(int(a)), state=state, blocked=e["k"], total=e["n"],
-                confirmed=e["c"], failures=e["f"], probes=e["p"], share_low=e["lo"], share_high=e["hi"],
-                methods=e["m"], first_seen=_dt(e["fs"]) if e["fs"] is not None else None, last_seen=_dt(e["ls"]),
+                asn=int(a),
+                name=self._name(int(a)),
+                state=state,
+                blocked=e["k"],
+                total=e["n"],
+                confirmed=e["c"],
+                failures=e["f"],
+                probes=e["p"],
+                share_low=e["lo"],
+                share_high=e["hi"],
+                methods=e["m"],
+                first_seen=_dt(e["fs"]) if e["fs"] is not None else None,
+                last_seen=_dt(e["ls"]),
                 already_blocked=e["ab"],
             )
             for a, e in sorted(ev["a"].items(), key=lambda kv: int(kv[0]))
@@ -586,38 +673,72 @@ class Engine:
         watch = windows[0].label if windows else None
         sim = bool(ev.get("sim"))
         return Event(
-            event_id=ev["id"], version=ev["v"], kind=EventKind.TARGET_BLOCKED, action=action, cc=cc,
-            target=target, test_name=ev["test"], category=self.ctx.category(cc, target), asns=asns,
-            cleared_asns=list(ev["cl"]), methods=list(ev["m"]), blocked=k, total=n,
-            probes=sum(a.probes for a in asns), share_low=round(low, 4), share_high=round(high, 4),
+            event_id=ev["id"],
+            version=ev["v"],
+            kind=EventKind.TARGET_BLOCKED,
+            action=action,
+            cc=cc,
+            target=target,
+            test_name=ev["test"],
+            category=self.ctx.category(cc, target),
+            asns=asns,
+            cleared_asns=list(ev["cl"]),
+            methods=list(ev["m"]),
+            blocked=k,
+            total=n,
+            probes=sum(a.probes for a in asns),
+            share_low=round(low, 4),
+            share_high=round(high, 4),
             first_seen=min((a.first_seen for a in asns if a.first_seen), default=None),
             last_seen=max((a.last_seen for a in asns if a.last_seen), default=None),
-            already_blocked=bool(ev.get("ab")), severity=self._severity(ev, watch),  # type: ignore[arg-type]
-            watch=watch, summary=("[SIMULATED] " if sim else "") + summary,
-            explorer_links=[explorer_measurement_url(u) for u in uids[-LINKS_PER_EVENT:]], simulated=sim,
+            already_blocked=bool(ev.get("ab")),
+            severity=self._severity(ev, watch),
+            watch=watch,
+            summary=("[SIMULATED] " if sim else "") + summary,
+            explorer_links=[explorer_measurement_url(u) for u in uids[-LINKS_PER_EVENT:]],
+            simulated=sim,
             emitted_at=_dt(t),
         )
 
-    def _outage_event(self, out: dict[str, Any], cc: str, asn: int, action: EventAction, t: float,
-                      summary: str) -> Event:
+    def _outage_event(
+        self, out: dict[str, Any], cc: str, asn: int, action: EventAction, t: float, summary: str
+    ) -> Event:
         name = self._name(asn)
         sim = bool(out.get("sim"))
         return Event(
-            event_id=out["id"], version=out["v"], kind=EventKind.NETWORK_OUTAGE, action=action, cc=cc, asn=asn,
+            event_id=out["id"],
+            version=out["v"],
+            kind=EventKind.NETWORK_OUTAGE,
+            action=action,
+            cc=cc,
+            asn=asn,
             asns=[AsnEvidence(asn=asn, name=name, state="down" if out["open"] else "ok")],
-            first_seen=_dt(float(out["opened"])), last_seen=_dt(t), severity="critical",
-            summary=("[SIMULATED] " if sim else "") + f"AS{asn} {name}: {summary} (outage or network-wide "
+            first_seen=_dt(float(out["opened"])),
+            last_seen=_dt(t),
+            severity="critical",
+            summary=("[SIMULATED] " if sim else "")
+            + f"AS{asn} {name}: {summary} (outage or network-wide "
             "block; per-target alerts on this network are held back)".replace("  ", " "),
-            simulated=sim, emitted_at=_dt(t),
+            simulated=sim,
+            emitted_at=_dt(t),
         )
 
-    def _gap_event(self, gap: dict[str, Any], cc: str, asn: int, action: EventAction, t: float, sim: bool,
-                   summary: str) -> Event:
+    def _gap_event(
+        self, gap: dict[str, Any], cc: str, asn: int, action: EventAction, t: float, sim: bool, summary: str
+    ) -> Event:
         return Event(
-            event_id=gap["id"], version=gap["v"], kind=EventKind.COVERAGE_GAP, action=action, cc=cc, asn=asn,
+            event_id=gap["id"],
+            version=gap["v"],
+            kind=EventKind.COVERAGE_GAP,
+            action=action,
+            cc=cc,
+            asn=asn,
             asns=[AsnEvidence(asn=asn, name=self._name(asn), state="insufficient")],
-            last_seen=_dt(float(gap["last"])), severity="warning",
-            summary=("[SIMULATED] " if sim else "") + summary, simulated=sim, emitted_at=_dt(t),
+            last_seen=_dt(float(gap["last"])),
+            severity="warning",
+            summary=("[SIMULATED] " if sim else "") + summary,
+            simulated=sim,
+            emitted_at=_dt(t),
         )
 
 

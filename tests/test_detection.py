@@ -1,0 +1,243 @@
+"""Unit tests of the pure detection engine: the contract, the evidence rules, events, outages, late data, gaps."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from censorwatch.config import DetectionSettings, WatchWindow
+from censorwatch.models import Event, EventAction, EventKind, Measurement
+from streams.detection import DetectionContext, Engine, StepResult, Window, apply_changes, run_offline, wilson
+from streams.detection.stats import cusum_up
+
+T0 = datetime(2023, 7, 1, tzinfo=UTC)
+_seq = iter(range(10**9))
+
+
+def msm(
+    hours: float,
+    *,
+    asn: int = 38623,
+    target: str = "www.rfa.org",
+    anomaly: bool = False,
+    confirmed: bool = False,
+    failure: bool = False,
+    method: str | None = "dns",
+    report: str | None = None,
+    cc: str = "KH",
+    uid_tail: str | None = None,
+    start: datetime | None = None,
+) -> Measurement:
+    t = start or T0 + timedelta(hours=hours)
+    n = next(_seq)
+    recv = T0 + timedelta(hours=hours, seconds=30)
+    uid = f"{recv:%Y%m%d%H%M%S.%f}_{cc}_webconnectivity_{uid_tail or f'{n:016x}'}"
+    return Measurement(
+        uid=uid,
+        report_id=report if report is not None else f"r{n}",
+        cc=cc,
+        asn=asn,
+        test_name="web_connectivity",
+        start_time=t,
+        input=f"https://{target}/",
+        target=target,
+        anomaly=anomaly,
+        confirmed=confirmed,
+        failure=failure,
+        blocking_type=method if (anomaly or confirmed) else None,
+    )
+
+
+def run(
+    ms: list[Measurement], settings: DetectionSettings | None = None, ctx: DetectionContext | None = None
+) -> tuple[dict[str, Any], list[Event], Counter[str]]:
+    return run_offline(Engine(settings or DetectionSettings(), ctx), ms)
+
+
+def clean(hours: range, **kw: Any) -> list[Measurement]:
+    return [msm(h, **kw) for h in hours]
+
+
+def test_wilson_and_cusum() -> None:
+    low, high = wilson(0, 0, 1.64)
+    assert (low, high) == (0.0, 1.0)
+    low, high = wilson(9, 10, 1.64)
+    assert 0.6 < low < 0.9 < high <= 1.0
+    s, start = cusum_up([False, True, False, False, False, False], 0.05, 0.5)
+    assert s == 0 and start == 6  # a lone anomaly decays back to zero
+    s, _ = cusum_up([True, True, True], 0.05, 0.5)
+    assert s > 6
+
+
+def test_contract_is_pure_and_json() -> None:
+    engine = Engine(DetectionSettings())
+    state: dict[str, Any] = {}
+    m = msm(1)
+    assert set(engine.keys_for(m)) >= {"c|KH", "s|KH|38623|www.rfa.org", "e|KH|t|www.rfa.org"}
+    result = engine.step(state, m)
+    assert isinstance(result, StepResult) and state == {}  # step never mutates what it reads
+    json.dumps(result.changes)  # table values are JSON
+    assert all(key.split("|")[1] == "KH" for key in result.changes)
+
+
+def test_floor_insufficient_then_ok() -> None:
+    state, events, _ = run([msm(1, report="a")])
+    assert state["s|KH|38623|www.rfa.org"]["st"] == "insufficient" and not events
+    state, events, _ = run(clean(range(1, 6)))
+    assert state["s|KH|38623|www.rfa.org"]["st"] == "ok" and not events
+
+
+def test_one_chatty_probe_cannot_open() -> None:
+    ms = clean(range(0, 50)) + [msm(60 + i, anomaly=True, report="same-probe") for i in range(6)]
+    _, events, _ = run(ms)
+    assert not events
+
+
+def test_block_opens_once_with_evidence_and_resolves_after_hysteresis() -> None:
+    ms = clean(range(0, 100, 4)) + [msm(100 + 2 * i, anomaly=True) for i in range(10)]
+    ms += clean(range(120, 300, 3))
+    _, events, _ = run(ms)
+    opened = [e for e in events if e.action == EventAction.OPENED]
+    assert len(opened) == 1
+    ev = opened[0]
+    assert ev.event_id.startswith("KH|target|www.rfa.org|2023-07-05T04:00") and ev.version == 1
+    assert ev.asns[0].asn == 38623 and ev.asns[0].blocked >= 3 and ev.asns[0].probes >= 2
+    assert ev.methods == ["dns"] and ev.explorer_links and not ev.already_blocked
+    assert 0 < ev.share_low < ev.share_high <= 1
+    resolved = [e for e in events if e.action == EventAction.RESOLVED]
+    assert len(resolved) == 1 and resolved[0].version == 2
+    assert (resolved[0].emitted_at - ev.emitted_at) >= timedelta(hours=72)  # hysteresis in time
+
+
+def test_confirmed_opens_at_once() -> None:
+    _, events, _ = run([*clean(range(0, 20)), msm(30, confirmed=True)])
+    assert [e.action for e in events] == [EventAction.OPENED]
+
+
+def test_failures_are_not_evidence() -> None:
+    ms = clean(range(0, 20)) + [msm(30 + i, failure=True) for i in range(20)]
+    _, events, _ = run(ms)
+    assert not events
+
+
+def test_event_grows_across_asns_and_method_switch_is_same_event() -> None:
+    ms = clean(range(0, 100, 5), asn=1) + clean(range(0, 100, 5), asn=2)
+    ms += [msm(100 + i, asn=1, anomaly=True) for i in range(4)]
+    ms += [msm(110 + i, asn=2, anomaly=True, method="tcp_ip") for i in range(4)]
+    ms.sort(key=lambda m: m.start_time)
+    _, events, _ = run(ms)
+    ids = {e.event_id for e in events}
+    assert len(ids) == 1
+    assert [e.action for e in events][:2] == [EventAction.OPENED, EventAction.UPDATED]
+    assert [a.asn for a in events[-1].asns] == [1, 2] and events[-1].methods == ["dns", "tcp_ip"]
+    assert [e.version for e in events] == list(range(1, len(events) + 1))
+
+
+def test_warmup_already_blocked() -> None:
+    _, events, _ = run([msm(i, anomaly=True) for i in range(5)])
+    assert events[0].action == EventAction.OPENED and events[0].already_blocked
+    assert "already blocked" in events[0].summary and events[0].severity == "info"
+
+
+def test_duplicates_late_revisions_and_too_late() -> None:
+    engine = Engine(DetectionSettings())
+    ms = clean(range(0, 40, 4)) + [msm(40 + i, anomaly=True) for i in range(4)]
+    state, events, _ = run_offline(engine, ms)
+    assert events and events[0].action == EventAction.OPENED
+    dup = engine.step(state, ms[-1])
+    assert dup.counters == {"duplicate": 1} and not dup.changes
+    apply_changes(state, engine.step(state, msm(100, anomaly=True)).changes)  # watermark moves on
+    late = engine.step(state, msm(41.5, anomaly=True))
+    assert late.counters.get("late_revised") == 1 and late.events[0].action == EventAction.REVISED
+    too_late = engine.step(state, msm(100 - 80, anomaly=True))
+    assert too_late.counters == {"too_late": 1} and not too_late.events
+
+
+def test_future_timestamps_are_clamped_to_receive_time() -> None:
+    engine = Engine(DetectionSettings())
+    m = msm(1, start=T0 + timedelta(days=30))
+    assert engine.event_time(m) == pytest.approx((T0 + timedelta(hours=1, seconds=30)).timestamp())
+
+
+def test_outage_inhibits_target_alerts() -> None:
+    targets = [f"site{i}.example" for i in range(8)]
+    ms = [msm(h, target=t) for h in range(0, 20, 2) for t in targets]
+    ms += [msm(h + 0.01 * i, target=t, failure=True) for h in range(20, 30) for i, t in enumerate(targets)]
+    _, events, _ = run(ms)
+    kinds = Counter((e.kind, e.action) for e in events)
+    assert kinds[(EventKind.NETWORK_OUTAGE, EventAction.OPENED)] == 1
+    assert kinds[(EventKind.TARGET_BLOCKED, EventAction.OPENED)] == 0
+
+
+def test_coverage_gap_during_watch_window() -> None:
+    window = Window.of(
+        WatchWindow(name="election", start=T0, end=T0 + timedelta(days=30), countries=["KH"], route="kh-election")
+    )
+    ctx = DetectionContext(windows=[window])
+    ms = clean(range(0, 30), asn=1) + clean(range(0, 60), asn=2)
+    ms.sort(key=lambda m: m.start_time)
+    engine = Engine(DetectionSettings(coverage_gap_hours=12, coverage_min_measurements=10), ctx)
+    _, events, _ = run_offline(engine, ms, tick_every=timedelta(hours=1))
+    gaps = [e for e in events if e.kind == EventKind.COVERAGE_GAP]
+    assert [(e.asn, e.action) for e in gaps] == [(1, EventAction.OPENED)]
+    _state, events, _ = run_offline(engine, [*ms, msm(70, asn=1)], tick_every=timedelta(hours=1))
+    assert [e.action for e in events if e.kind == EventKind.COVERAGE_GAP] == [EventAction.OPENED, EventAction.RESOLVED]
+
+
+def test_watch_window_labels_and_sensitivity() -> None:
+    window = Window.of(
+        WatchWindow(
+            name="election",
+            start=T0,
+            end=T0 + timedelta(days=30),
+            countries=["KH"],
+            categories=["NEWS"],
+            route="kh-election",
+            sensitivity=2.0,
+        )
+    )
+    ctx = DetectionContext(categories={("KH", "www.rfa.org"): "NEWS"}, windows=[window])
+    ms = clean(range(0, 40, 4)) + [msm(40 + i, anomaly=True) for i in range(2)]
+    _, events, _ = run(ms, ctx=ctx)
+    assert events and events[0].watch == "kh-election" and events[0].category == "NEWS"
+    assert events[0].severity == "critical"
+
+
+def test_alert_cap_is_recorded() -> None:
+    targets = [f"s{i}.example" for i in range(5)]
+    ms = [msm(h, asn=a, target=t) for h in range(0, 10, 2) for a in (1, 2) for t in targets]
+    engine = Engine(
+        DetectionSettings(max_alerts_per_run=1),
+        DetectionContext(windows=[Window.of(WatchWindow(name="w", start=T0, end=T0 + timedelta(days=9)))]),
+    )
+    state, _, _ = run_offline(engine, ms)
+    result = engine.tick(state, "KH", T0 + timedelta(days=3))
+    assert len(result.events) == 1 and result.counters == {"capped": 1}
+
+
+def test_simulated_marker() -> None:
+    ms = [msm(i, anomaly=True, uid_tail=f"sim{i:012x}") for i in range(4)]
+    _, events, _ = run(ms)
+    assert events and events[0].simulated and events[0].summary.startswith("[SIMULATED]")
+
+
+def test_step_by_step_equals_offline_and_is_deterministic() -> None:
+    ms = clean(range(0, 100, 3)) + [msm(100 + i, anomaly=True, asn=a) for i in range(6) for a in (1, 2)]
+    ms += clean(range(110, 200, 2), asn=1)
+    _, offline, _ = run(ms)
+    engine = Engine(DetectionSettings())
+    state: dict[str, Any] = {}
+    live: list[Event] = []
+    for m in ms:  # what the Faust agent does: read, step, write back (through JSON like a table)
+        result = engine.step(state, m)
+        for key, value in result.changes.items():
+            state[key] = json.loads(json.dumps(value)) if value is not None else None
+        state = {k: v for k, v in state.items() if v is not None}
+        live += result.events
+    assert [e.to_bytes() for e in live] == [e.to_bytes() for e in offline]
+    _, again, _ = run(ms)
+    assert [e.to_bytes() for e in again] == [e.to_bytes() for e in offline]
