@@ -128,8 +128,10 @@ class DetectionSettings(BaseModel):
     min_open_seconds: float = Field(default=3600.0, ge=0, description="hysteresis in time before resolving")
     confirmed_opens: bool = Field(default=True, description="a confirmed measurement opens an event at once")
     warmup_hours: float = Field(
-        default=72.0, ge=0, description="series first seen this soon after monitoring began and blocked at once: "
-        "'already blocked when monitoring began' (sparse networks need ~3 days to reach the floor)"
+        default=72.0,
+        ge=0,
+        description="series first seen this soon after monitoring began and blocked at once: "
+        "'already blocked when monitoring began' (sparse networks need ~3 days to reach the floor)",
     )
     revision_window_hours: float = Field(default=72.0, ge=0, description="late data within this revises")
     future_skew_seconds: float = Field(default=3600.0, ge=0, description="clamp start times beyond now+this")

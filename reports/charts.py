@@ -67,9 +67,7 @@ def category_share(report: Report) -> bytes | None:
     all_days: list[date] = []
     for code in top:
         points = [
-            (d, c.blocked / c.measurement_count)
-            for d, c in report.category_series.get(code, [])
-            if c.measurement_count
+            (d, c.blocked / c.measurement_count) for d, c in report.category_series.get(code, []) if c.measurement_count
         ]
         if not points:
             continue
@@ -107,9 +105,7 @@ def blocking_matrix(report: Report) -> bytes | None:
         for x, v in enumerate(row):
             if v:
                 dark = v > 0.6 * top
-                ax.text(
-                    x, y, str(v), ha="center", va="center", fontsize=7, color="white" if dark else "black"
-                )
+                ax.text(x, y, str(v), ha="center", va="center", fontsize=7, color="white" if dark else "black")
     fig.colorbar(image, ax=ax, label="blocked measurements")
     ax.set_title(_title(report, "Blocking by site and ISP"), fontsize=10)
     return _png(fig)

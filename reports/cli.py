@@ -43,21 +43,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     p.add_argument("--until", required=True, type=_date, help="last day, inclusive, YYYY-MM-DD (UTC)")
     p.add_argument("--source", choices=("api", "events", "measurements"), default="api")
     p.add_argument("files", nargs="*", metavar="FILE", help="JSONL input for --source events|measurements")
-    p.add_argument(
-        "--watchlist", type=Path, help="Citizen Lab format CSV: only these websites, their categories"
-    )
+    p.add_argument("--watchlist", type=Path, help="Citizen Lab format CSV: only these websites, their categories")
     p.add_argument("--test-list", type=Path, action="append", default=[], help="more URL->category CSVs")
     p.add_argument("--category", type=str.upper, help="only this Citizen Lab category code")
     p.add_argument("--asn-names", type=Path, help="CSV asn,name of ISP names (a Cambodian list is built in)")
     p.add_argument("--format", choices=("md", "html", "csv"), default="md")
     p.add_argument("--out", type=Path, help="output file (a directory for csv); default stdout")
-    p.add_argument(
-        "--min-blocked", type=int, default=Rule.min_blocked, help="blocked pair: at least N anomalies"
-    )
+    p.add_argument("--min-blocked", type=int, default=Rule.min_blocked, help="blocked pair: at least N anomalies")
     p.add_argument("--min-share", type=float, default=Rule.min_share, help="...and this share of valid ones")
-    p.add_argument(
-        "--simulated", action="store_true", help="label the report SIMULATED whatever the input says"
-    )
+    p.add_argument("--simulated", action="store_true", help="label the report SIMULATED whatever the input says")
     p.set_defaults(func=cmd_report)
     return p
 
@@ -93,9 +87,7 @@ def make_report(args: argparse.Namespace) -> Report:
 
         client = OoniClient(_settings(args))
         try:
-            agg = AggregationSource(
-                client.get_json, args.country, args.since, args.until, category=args.category
-            )
+            agg = AggregationSource(client.get_json, args.country, args.since, args.until, category=args.category)
             inp = agg.fetch(refs, rule)
         finally:
             client.close()

@@ -171,14 +171,11 @@ def to_markdown(report: Report) -> str:
         lines.append("|" + "---|" * len(t.headers))
         for row in t.rows:
             cells = [
-                _md_links(str(v)) if h == "explorer_links" else _md_cell(v)
-                for h, v in zip(t.headers, row, strict=True)
+                _md_links(str(v)) if h == "explorer_links" else _md_cell(v) for h, v in zip(t.headers, row, strict=True)
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines += (
-        ["## Method", ""] + [f"- {x}" for x in _method_text(report) + report.notes] + ["", ATTRIBUTION, ""]
-    )
+    lines += ["## Method", ""] + [f"- {x}" for x in _method_text(report) + report.notes] + ["", ATTRIBUTION, ""]
     return "\n".join(lines)
 
 
@@ -197,9 +194,7 @@ img{max-width:100%;display:block;margin:0.5em 0 1.5em}
 def _html_cell(header: str, v: Cell) -> str:
     if header == "explorer_links":
         return (
-            "<td>"
-            + " ".join(f'<a href="{html.escape(u)}">{i + 1}</a>' for i, u in enumerate(str(v).split()))
-            + "</td>"
+            "<td>" + " ".join(f'<a href="{html.escape(u)}">{i + 1}</a>' for i, u in enumerate(str(v).split())) + "</td>"
         )
     cls = ' class="n"' if isinstance(v, int) else ""
     return f"<td{cls}>{html.escape(str(v))}</td>"
@@ -223,14 +218,10 @@ def to_html(report: Report, charts: dict[str, bytes] | None = None) -> str:
         if not t.rows:
             out.append("<p>(none)</p>")
             continue
-        out.append(
-            "<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in t.headers) + "</tr></thead>"
-        )
+        out.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in t.headers) + "</tr></thead>")
         out.append("<tbody>")
         for row in t.rows:
-            out.append(
-                "<tr>" + "".join(_html_cell(h, v) for h, v in zip(t.headers, row, strict=True)) + "</tr>"
-            )
+            out.append("<tr>" + "".join(_html_cell(h, v) for h, v in zip(t.headers, row, strict=True)) + "</tr>")
         out.append("</tbody></table>")
     captions = {
         "measurements_per_day": "Measurements per day",

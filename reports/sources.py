@@ -132,9 +132,7 @@ def from_events(events: Iterable[Event | SourceError], cc: str, since: date, unt
     blocked, with the evidence of its latest such version and the earliest/latest evidence over all of them.
     """
     inp = ReportInput(cc=cc, since=since, until=until, source="event log", has_totals=False)
-    inp.notes.append(
-        "An event log records only what the detection engine found: no totals, categories or months."
-    )
+    inp.notes.append("An event log records only what the detection engine found: no totals, categories or months.")
     bad = 0
     versions: dict[str, list[Event]] = {}
     for ev in events:
@@ -269,8 +267,7 @@ class AggregationSource:
     def daily_totals(self) -> list[tuple[date, Counts]]:
         """Per-day counters for the whole country (no axis but the day): a cross-check of the domain query."""
         return sorted(
-            (_parse_day(r["measurement_start_day"]), Counts.from_row(r))
-            for r in self.query("measurement_start_day")
+            (_parse_day(r["measurement_start_day"]), Counts.from_row(r)) for r in self.query("measurement_start_day")
         )
 
     def fetch(self, refs: References | None = None, rule: Rule | None = None) -> ReportInput:
@@ -298,9 +295,7 @@ class AggregationSource:
             asn = _asn(r.get("probe_asn"))
             if dom and asn:
                 inp.pairs[(dom, asn)] = PairEvidence(counts=Counts.from_row(r))
-        candidates = sorted(
-            {d for (d, _), ev in inp.pairs.items() if rule.blocked(ev.counts) and _watched(d, refs)}
-        )
+        candidates = sorted({d for (d, _), ev in inp.pairs.items() if rule.blocked(ev.counts) and _watched(d, refs)})
         if len(candidates) > MAX_DETAIL_DOMAINS:
             inp.notes.append(
                 f"{len(candidates)} websites look blocked; methods and periods were fetched for the first "

@@ -105,9 +105,7 @@ class CursorStore:
     def load(self, now: datetime) -> dict[str, CountryCursor]:
         """One cursor per configured country: the stored one, or a fresh one starting at poll_start."""
         stored = bus.read_compacted(self.settings, self.topic)
-        floor = self.settings.poll_start or now - timedelta(
-            seconds=self.settings.poll_initial_lookback_seconds
-        )
+        floor = self.settings.poll_start or now - timedelta(seconds=self.settings.poll_initial_lookback_seconds)
         if floor.tzinfo is None:
             floor = floor.replace(tzinfo=UTC)
         cursors: dict[str, CountryCursor] = {}
@@ -118,9 +116,7 @@ class CursorStore:
                 try:
                     cursor = CountryCursor.from_bytes(value)
                 except (ValueError, KeyError, TypeError) as exc:
-                    log.error(
-                        "cursor for %s in %s is unreadable (%s); starting from %s", cc, self.topic, exc, floor
-                    )
+                    log.error("cursor for %s in %s is unreadable (%s); starting from %s", cc, self.topic, exc, floor)
             if cursor is None:
                 cursor = CountryCursor(cc=cc, floor=floor)
                 log.info("%s: no stored cursor, polling from %s", cc, _iso(floor))

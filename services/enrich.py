@@ -127,9 +127,7 @@ def load_local_indicators(path: Path | str, cc: str) -> dict[str, str]:
             classification = (row.get("classification") or "").strip().lower()
             if kind != "dns_answer_ip" or "false_positive" in classification:
                 continue
-            if classification.startswith("suspicious") or not any(
-                w in classification for w in BLOCKING_WORDS
-            ):
+            if classification.startswith("suspicious") or not any(w in classification for w in BLOCKING_WORDS):
                 continue
             out.setdefault(row["indicator"].strip(), row["classification"].strip())
     log.debug("%d blocking DNS answers for %s", len(out), cc)
@@ -262,13 +260,7 @@ class Enrichment:
         self.remaining = self.section.max_fetches_per_round
 
     def wanted(self, m: Measurement) -> bool:
-        return (
-            m.anomaly
-            and not m.confirmed
-            and not m.failure
-            and m.cc in self.countries
-            and m.test_name in self.tests
-        )
+        return m.anomaly and not m.confirmed and not m.failure and m.cc in self.countries and m.test_name in self.tests
 
     def __call__(self, m: Measurement) -> Measurement:
         if not self.wanted(m):

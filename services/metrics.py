@@ -40,9 +40,7 @@ LAST_SUCCESS = Gauge(
     "Unix time of the last poll round that completed for the country.",
     ["cc"],
 )
-QUOTA_REMAINING = Gauge(
-    "censorwatch_poller_api_quota_remaining", "X-RateLimit-Remaining of the last OONI API answer."
-)
+QUOTA_REMAINING = Gauge("censorwatch_poller_api_quota_remaining", "X-RateLimit-Remaining of the last OONI API answer.")
 REQUEST_DURATION = Histogram(
     "censorwatch_poller_request_duration_seconds",
     "Wall time of one HTTP request to the OONI API (every attempt, failed ones too).",
@@ -50,8 +48,7 @@ REQUEST_DURATION = Histogram(
 )
 ENRICHMENTS = Counter(
     "censorwatch_poller_enrichments",
-    "Anomalous measurements looked at by enrichment, by outcome "
-    "(confirmed, unconfirmed, failed, skipped_budget).",
+    "Anomalous measurements looked at by enrichment, by outcome (confirmed, unconfirmed, failed, skipped_budget).",
     ["outcome"],
 )
 

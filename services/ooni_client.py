@@ -170,9 +170,7 @@ class OoniClient:
             metrics.REQUEST_DURATION.observe(time.monotonic() - started)
             metrics.ERRORS.labels(kind=kind).inc()
             if attempt == self.max_attempts:
-                log.warning(
-                    "OONI API %s: %s (attempt %d/%d); giving up for now", _redact(url), what, attempt, attempt
-                )
+                log.warning("OONI API %s: %s (attempt %d/%d); giving up for now", _redact(url), what, attempt, attempt)
                 raise ApiUnavailable(f"{what} after {attempt} attempts: {_redact(url)}")
             delay = self.backoff(attempt, retry_after)
             log.warning(
@@ -209,9 +207,7 @@ class OoniClient:
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            raise self._malformed(
-                f"body is not valid JSON ({exc.msg} at byte {exc.pos})", url, body
-            ) from None
+            raise self._malformed(f"body is not valid JSON ({exc.msg} at byte {exc.pos})", url, body) from None
 
     def iter_measurement_pages(self, params: Mapping[str, Any]) -> Iterator[Page]:
         """Pages of ``/api/v1/measurements`` following ``metadata.next_url`` until it is null."""

@@ -133,9 +133,7 @@ def replay(settings: Settings, files: Iterable[Path | str], *, batch: int = 500)
             good = [(r.cc.encode(), r.to_bytes()) for _, r in rows if isinstance(r, Measurement)]
             bad = [(None, r.to_bytes()) for _, r in rows if isinstance(r, DeadLetter)]
             for start in range(0, len(good), batch):
-                summary.produced += bus.send_all(
-                    producer, topics.measurements, good[start : start + batch], 60
-                )
+                summary.produced += bus.send_all(producer, topics.measurements, good[start : start + batch], 60)
             if bad:
                 summary.deadlettered += bus.send_all(producer, topics.deadletter, bad, 60)
                 metrics.DEADLETTER_TOTAL.labels(stage="normalise").inc(len(bad))

@@ -111,9 +111,7 @@ def publish_series(result: StepResult) -> None:
         if value is None or not sample:
             metrics.SERIES.withdraw(cc, int(asn), target)
             continue
-        metrics.SERIES.publish(
-            metrics.SeriesSample(cc, int(asn), target, float(sample["share"]), int(sample["n"]))
-        )
+        metrics.SERIES.publish(metrics.SeriesSample(cc, int(asn), target, float(sample["share"]), int(sample["n"])))
 
 
 EVENT_KINDS = {"t": "target_blocked", "n": "network_outage", "g": "coverage_gap"}

@@ -22,9 +22,7 @@ MEASUREMENTS_PROCESSED = Counter(
     "Measurements run through the detection engine, by OONI's disjoint outcome.",
     ["cc", "outcome"],
 )
-DUPLICATES = Counter(
-    "censorwatch_worker_duplicates", "Measurements dropped because their uid was already counted."
-)
+DUPLICATES = Counter("censorwatch_worker_duplicates", "Measurements dropped because their uid was already counted.")
 LATE_MEASUREMENTS = Counter(
     "censorwatch_worker_late_measurements",
     "Measurements older than the watermark: 'revised' (inside the revision window) or 'too_late' (ignored).",

@@ -22,9 +22,7 @@ def run(settings: Settings) -> int:
     metrics.SERIES.cap = settings.metrics.series_cap
     if settings.metrics.worker_port:
         start_http_server(settings.metrics.worker_port, addr=settings.metrics.host)
-        log.info(
-            "worker metrics on http://%s:%d/metrics", settings.metrics.host, settings.metrics.worker_port
-        )
+        log.info("worker metrics on http://%s:%d/metrics", settings.metrics.host, settings.metrics.worker_port)
     app = create_app(settings)
     worker = Worker(app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()  # blocks; Faust handles SIGTERM/SIGINT with a clean stop

@@ -198,9 +198,7 @@ def start_prometheus(
                 raise ValueError(f"loopback targets only, not {addr}")
     binary = require_tool("prometheus")
     workdir.mkdir(parents=True, exist_ok=True)
-    config = write_config(
-        workdir / "prometheus.yml", targets, scrape_interval=scrape_interval, rule_files=rule_files
-    )
+    config = write_config(workdir / "prometheus.yml", targets, scrape_interval=scrape_interval, rule_files=rule_files)
     port = free_port()
     log_file = workdir / "prometheus.log"
     with log_file.open("wb") as log:

@@ -54,9 +54,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
 class Service:
     """``python -m censorwatch <command>`` with a config file; its output goes to a log file for diagnosis."""
 
-    def __init__(
-        self, command: list[str], settings: Settings, workdir: Path, name: str | None = None
-    ) -> None:
+    def __init__(self, command: list[str], settings: Settings, workdir: Path, name: str | None = None) -> None:
         self.command = command
         self.name = name or command[0]
         workdir.mkdir(parents=True, exist_ok=True)

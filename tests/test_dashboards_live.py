@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from censorwatch.config import Settings
-from tests.fakes.ooni_api import Fault, FakeOoniApi, load_recorded_items, make_item
+from tests.fakes.ooni_api import FakeOoniApi, Fault, load_recorded_items, make_item
 from tests.fakes.slack_api import FakeSlackApi
 from tests.promserver import running_prometheus, wait_for
 from tests.services import Service, metric_value

@@ -75,10 +75,7 @@ def test_ooni_confirmed_cases_match_like_the_fastpath(
     db = packaged_db() if db_name == "packaged" else shared_db
     # Iran: DNS answer 10.10.34.36, scope nat -> confirmed
     # (fastpath test_score_web_connectivity_dns_ir_fingerprint)
-    assert (
-        confirmation(raw(shared_data, f"{RAW}/web_connectivity_ir_fp.json"), db)
-        == "ooni:ooni.ir_10dot10_ipv4_1"
-    )
+    assert confirmation(raw(shared_data, f"{RAW}/web_connectivity_ir_fp.json"), db) == "ooni:ooni.ir_10dot10_ipv4_1"
     # Indonesia: Kominfo block page (fastpath test_match_id_fingerprint)
     id_file = f"{RAW}/20250527233111.802678_ID_webconnectivity_5a37ec909dbf14e3.json"
     assert confirmation(raw(shared_data, id_file), db) == "ooni:ooni.id_lamanlabuh_kominfo"
@@ -143,8 +140,7 @@ def test_budget_per_round_and_outcomes(shared_data: Path) -> None:
         assert out[0].confirmed_by == "dns:36.37.242.94" and out[0].anomaly
         assert len(api.requests_to("/api/v1/raw_measurement")) == 3  # the budget
         after = {
-            o: REGISTRY.get_sample_value("censorwatch_poller_enrichments_total", {"outcome": o}) or 0
-            for o in before
+            o: REGISTRY.get_sample_value("censorwatch_poller_enrichments_total", {"outcome": o}) or 0 for o in before
         }
         assert {o: after[o] - before[o] for o in before} == {
             "confirmed": 1,

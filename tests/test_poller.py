@@ -48,17 +48,13 @@ def kh_series(
     for h in range(steps):
         t = start + h * step
         blocked = h >= steps // 2
-        out.append(
-            make_item(start=t, anomaly=blocked, blocking_type="dns" if blocked else None, seq=seq0 + h)
-        )
+        out.append(make_item(start=t, anomaly=blocked, blocking_type="dns" if blocked else None, seq=seq0 + h))
         out.append(make_item(start=t, test_name="signal", asn=131207, seq=seq0 + h))
     return out
 
 
 def measurements(settings: Settings) -> list[tuple[bytes, Measurement]]:
-    return [
-        (r.key, Measurement.from_bytes(r.value)) for r in read_topic(settings, settings.topics.measurements)
-    ]
+    return [(r.key, Measurement.from_bytes(r.value)) for r in read_topic(settings, settings.topics.measurements)]
 
 
 def metric(name: str, labels: Mapping[str, str] | None = None) -> float:
@@ -109,9 +105,7 @@ def test_everything_arrives_exactly_once_through_faults(kafka_settings: Settings
         api.push(Fault.rate_limited(retry_after=0.05), Fault.server_error())
         # Rows shift under the offset: page 3 repeats page 2's items and skips its own this round.
         api.push(Fault.repeated_page(when={"probe_cc": "KH", "offset": "10"}))
-        before = {
-            cc: metric("censorwatch_poller_measurements_produced_total", {"cc": cc}) for cc in countries
-        }
+        before = {cc: metric("censorwatch_poller_measurements_produced_total", {"cc": cc}) for cc in countries}
         rl_before = metric("censorwatch_poller_errors_total", {"kind": "rate_limited"})
         se_before = metric("censorwatch_poller_errors_total", {"kind": "server_error"})
         poller = make_poller(settings)

@@ -58,9 +58,7 @@ def test_replay_produces_in_order_and_dead_letters_bad_lines(
     by_offset = sorted(records, key=lambda r: r.offset)
     assert [Measurement.from_bytes(r.value).uid for r in by_offset] == order
     assert all(m.fetched_at is not None for m in got)
-    letters = [
-        DeadLetter.from_bytes(r.value) for r in read_topic(kafka_settings, kafka_settings.topics.deadletter)
-    ]
+    letters = [DeadLetter.from_bytes(r.value) for r in read_topic(kafka_settings, kafka_settings.topics.deadletter)]
     assert sorted(d.source or "" for d in letters) == ["ke.jsonl:101", "ke.jsonl:202"]
     assert any("not valid JSON" in d.reason for d in letters)
     assert any("probe_cc" in d.reason for d in letters)

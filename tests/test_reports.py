@@ -47,9 +47,7 @@ def client_for(api: FakeAggregationApi) -> OoniClient:
 
 
 def refs_with(shared: Path, *lists: str) -> References:
-    args = build_parser().parse_args(
-        ["report", "--country", "XX", "--since", "2020-01-01", "--until", "2020-01-02"]
-    )
+    args = build_parser().parse_args(["report", "--country", "XX", "--since", "2020-01-01", "--until", "2020-01-02"])
     refs = references(args)
     for name in lists:
         add_test_list(refs, parse_test_list((shared / "test-lists" / name).read_text(encoding="utf-8")))
@@ -65,15 +63,7 @@ def plain_kenya(shared: Path) -> dict[str, Any]:
     pair_methods: dict[tuple[str, str], set[str]] = defaultdict(set)
     domains, asns = set(), set()
     for it in items:
-        cls = (
-            "failure"
-            if it["failure"]
-            else "confirmed"
-            if it["confirmed"]
-            else "anomaly"
-            if it["anomaly"]
-            else "ok"
-        )
+        cls = "failure" if it["failure"] else "confirmed" if it["confirmed"] else "anomaly" if it["anomaly"] else "ok"
         months[it["measurement_start_time"][:7]][cls] += 1
         months[it["measurement_start_time"][:7]]["all"] += 1
         dom = urlsplit(it["input"]).hostname
@@ -120,10 +110,7 @@ def test_measurements_source_matches_plain_computation(shared_data: Path) -> Non
             row.counts.failure_count,
         ) == (c["all"], c["ok"], c["anomaly"], c["confirmed"], c["failure"])
         assert (
-            row.counts.ok_count
-            + row.counts.anomaly_count
-            + row.counts.confirmed_count
-            + row.counts.failure_count
+            row.counts.ok_count + row.counts.anomaly_count + row.counts.confirmed_count + row.counts.failure_count
             == row.counts.measurement_count
         )
     # categories: the plain join of inputs to global.csv URLs (the domain when the exact URL is not listed)
@@ -174,9 +161,7 @@ def test_api_source_gives_the_same_tables_as_measurements(shared_data: Path) -> 
     """The same Kenya measurements, once read from the file and once aggregated by a loopback API."""
     refs = refs_with(shared_data, "global.csv")
     url_category = {u: c for u, c in parse_test_list((shared_data / "test-lists/global.csv").read_text())}
-    from_files = build_report(
-        from_measurements(iter_json_items([shared_data / KE]), "KE", KE_SINCE, KE_UNTIL), refs
-    )
+    from_files = build_report(from_measurements(iter_json_items([shared_data / KE]), "KE", KE_SINCE, KE_UNTIL), refs)
     with FakeAggregationApi(rows_from_measurements(shared_data / KE, url_category)) as api:
         client = client_for(api)
         source = AggregationSource(client.get_json, "KE", KE_SINCE, KE_UNTIL)
@@ -188,9 +173,7 @@ def test_api_source_gives_the_same_tables_as_measurements(shared_data: Path) -> 
     assert len(api.requests) == 3 + 2 * len(from_files.blocked) + 1
     assert all(r["until"] == "2023-11-30" and r["probe_cc"] == "KE" for r in api.requests)
     assert all(r.get("time_grain", "day") == "day" for r in api.requests)
-    assert [(d, c.measurement_count) for d, c in daily] == [
-        (d, c.measurement_count) for d, c in from_files.daily
-    ]
+    assert [(d, c.measurement_count) for d, c in daily] == [(d, c.measurement_count) for d, c in from_files.daily]
 
 
 def test_sinar_yearly_cambodia_totals_through_the_api(shared_data: Path) -> None:
@@ -198,20 +181,14 @@ def test_sinar_yearly_cambodia_totals_through_the_api(shared_data: Path) -> None
     path = shared_data / "sinar-imap/imap2024_web_connectivity_by_quarter_by_cc.csv"
     quarters = {r["quarter"]: r for r in csv.DictReader(path.open()) if r["probe_cc"] == "KH"}
     totals_file = shared_data / "sinar-imap/imap2024_web_connectivity_totals_by_cc_2023-07_2024-06.csv"
-    assert (
-        sum(1 for _ in csv.DictReader(totals_file.open())) == 0
-    )  # only a header in our copy: see module doc
+    assert sum(1 for _ in csv.DictReader(totals_file.open())) == 0  # only a header in our copy: see module doc
     rows = rows_from_sinar_quarters(path, "KH", KH_YEAR_DOMAINS, KH_YEAR_ASNS)
     with FakeAggregationApi(rows) as api:
         source = AggregationSource(client_for(api).get_json, "KH", date(2023, 7, 1), date(2024, 6, 30))
         report = build_report(source.fetch(), References())
         for grain in ("month", "year"):  # 366 days: the API allows year, and both agree with the quarters
             assert source.params("measurement_start_day", time_grain=grain)["time_grain"] == grain
-    assert (
-        report.summary.measurements
-        == sum(int(q["measurement_count"]) for q in quarters.values())
-        == 2_440_169
-    )
+    assert report.summary.measurements == sum(int(q["measurement_count"]) for q in quarters.values()) == 2_440_169
     assert report.summary.websites == 1940 and report.summary.isps == 31
     assert max(int(q["domain_count"]) for q in quarters.values()) < 1940  # the union, not a quarter's count
     by_month = {m.month: m.counts for m in report.months}
@@ -224,13 +201,10 @@ def test_sinar_yearly_cambodia_totals_through_the_api(shared_data: Path) -> None
             c.confirmed_count,
             c.failure_count,
         ) == tuple(
-            int(r[k])
-            for k in ("measurement_count", "ok_count", "anomaly_count", "confirmed_count", "failure_count")
+            int(r[k]) for k in ("measurement_count", "ok_count", "anomaly_count", "confirmed_count", "failure_count")
         )
     assert report.categories[0].measurements == 2_440_169  # placeholders are in no test list
-    assert (
-        report.series_grain == "week" and not report.blocked
-    )  # evenly spread: ~3 % anomalies, no pair blocked
+    assert report.series_grain == "week" and not report.blocked  # evenly spread: ~3 % anomalies, no pair blocked
 
 
 def test_sinar_daily_im_counts_and_time_grain_limits(shared_data: Path) -> None:
@@ -282,9 +256,7 @@ def test_recorded_aggregation_answers(shared_data: Path) -> None:
         }.items()
     )
     with FakeAggregationApi([], {q: wc}) as api:
-        got = AggregationSource(
-            client_for(api).get_json, None, date(2022, 3, 1), date(2022, 3, 3)
-        ).daily_totals()
+        got = AggregationSource(client_for(api).get_json, None, date(2022, 3, 1), date(2022, 3, 3)).daily_totals()
     assert [
         (d.isoformat(), c.measurement_count, c.ok_count, c.anomaly_count, c.confirmed_count, c.failure_count)
         for d, c in got
@@ -304,8 +276,7 @@ def test_recorded_aggregation_answers(shared_data: Path) -> None:
         body = recorded_answer(path)
         for r in body["result"]:  # the disjoint classes add up on every recorded row
             assert (
-                r["ok_count"] + r["anomaly_count"] + r["confirmed_count"] + r["failure_count"]
-                == r["measurement_count"]
+                r["ok_count"] + r["anomaly_count"] + r["confirmed_count"] + r["failure_count"] == r["measurement_count"]
             )
 
 
@@ -366,9 +337,7 @@ def test_events_source_and_simulated_label(shared_data: Path, tmp_path: Path) ->
             ),
         ],
     )
-    other = _event(
-        1, [AsnEvidence(asn=38623, blocked=3, total=3)], event_id="TH|x", cc="TH", target="x.example"
-    )
+    other = _event(1, [AsnEvidence(asn=38623, blocked=3, total=3)], event_id="TH|x", cc="TH", target="x.example")
     log = tmp_path / "events.jsonl"
     log.write_text("\n".join(e.to_bytes().decode() for e in (ev1, ev2, other)) + "\nnot json\n")
     out = tmp_path / "r.md"

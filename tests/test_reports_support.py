@@ -61,9 +61,7 @@ def bucket(day: date, grain: str) -> str:
 class FakeAggregationApi:
     """``/api/v1/aggregation`` on 127.0.0.1:<free port>. ``rows``: dicts with the axis fields + counters."""
 
-    def __init__(
-        self, rows: Iterable[Mapping[str, Any]], recorded: Mapping[frozenset[tuple[str, str]], Any] = {}
-    ):
+    def __init__(self, rows: Iterable[Mapping[str, Any]], recorded: Mapping[frozenset[tuple[str, str]], Any] = {}):
         self.rows = [dict(r) for r in rows]
         self.recorded = dict(recorded)
         self.requests: list[dict[str, str]] = []
@@ -81,9 +79,7 @@ class FakeAggregationApi:
         self._thread.start()
         return self
 
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
@@ -112,9 +108,7 @@ class FakeAggregationApi:
             if params.get(name):
                 filters[name] = {v.strip() for v in params[name].split(",")}
         if params.get("probe_asn"):
-            filters["probe_asn"] = {
-                v.strip().upper().removeprefix("AS") for v in params["probe_asn"].split(",")
-            }
+            filters["probe_asn"] = {v.strip().upper().removeprefix("AS") for v in params["probe_asn"].split(",")}
         groups: dict[tuple[Any, ...], dict[str, int]] = defaultdict(lambda: dict.fromkeys(COUNTERS, 0))
         for row in self.rows:
             day = date.fromisoformat(str(row["measurement_start_day"]))
@@ -269,9 +263,7 @@ def rows_from_sinar_daily(path: Path) -> list[dict[str, Any]]:
     rows = []
     for r in csv.DictReader(path.open(encoding="utf-8")):
         row: dict[str, Any] = {k: int(r[k]) for k in COUNTERS}
-        row.update(
-            measurement_start_day=r["measurement_start_day"], probe_cc=r["probe_cc"], test_name=r["test_name"]
-        )
+        row.update(measurement_start_day=r["measurement_start_day"], probe_cc=r["probe_cc"], test_name=r["test_name"])
         rows.append(row)
     return rows
 

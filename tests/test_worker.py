@@ -59,8 +59,7 @@ def test_live_worker_emits_exactly_the_offline_events(
     assert [_shape(e) for e in live] == [_shape(e) for e in expected]
     processed = wait_until(
         lambda: (
-            _metric(pipeline_settings, 'censorwatch_worker_measurements_processed_total{cc="KE"')
-            >= len(measurements)
+            _metric(pipeline_settings, 'censorwatch_worker_measurements_processed_total{cc="KE"') >= len(measurements)
             and _metric(pipeline_settings, 'censorwatch_worker_measurements_processed_total{cc="KE"')
         ),
         30,
@@ -69,9 +68,7 @@ def test_live_worker_emits_exactly_the_offline_events(
     assert processed == len(measurements)
 
 
-def test_poison_records_are_dead_lettered_and_the_stream_goes_on(
-    worker: Service, pipeline_settings: Settings
-) -> None:
+def test_poison_records_are_dead_lettered_and_the_stream_goes_on(worker: Service, pipeline_settings: Settings) -> None:
     producer = bus.producer(pipeline_settings)
     good = Measurement(
         uid="20231015000000.000000_XA_telegram_poison00000001",

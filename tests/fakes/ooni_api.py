@@ -201,9 +201,7 @@ class FakeOoniApi:
             return 422, {"detail": "order must be asc or desc"}
         if until - since > timedelta(days=180):
             days = (until - since).days
-            return 400, {
-                "detail": f"Time range must not exceed 6 months. Requested: {days} days (limit: 180 days)."
-            }
+            return 400, {"detail": f"Time range must not exceed 6 months. Requested: {days} days (limit: 180 days)."}
         ccs = _csv(params.get("probe_cc"))
         tests = _csv(params.get("test_name"))
         with self._lock:
@@ -239,9 +237,7 @@ class FakeOoniApi:
             next_params = dict(params)
             next_params["offset"] = str(offset + limit)
             next_params["limit"] = str(limit)
-            meta.update(
-                count=-1, pages=-1, next_url=f"{self.base_url}{MEASUREMENTS}?{urlencode(next_params)}"
-            )
+            meta.update(count=-1, pages=-1, next_url=f"{self.base_url}{MEASUREMENTS}?{urlencode(next_params)}")
         return 200, {"metadata": meta, "results": page}
 
     def _raw_measurement(self, params: dict[str, str]) -> tuple[int, Any]:
