@@ -14,6 +14,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 EXPLORER = "https://explorer.ooni.org"
+SIM_MARK = "sim"  # simulated measurements (services/simulate.py): the uid's last part starts with it
 
 
 def utcnow() -> datetime:
@@ -79,6 +80,11 @@ class Measurement(Wire):
     @property
     def explorer_url(self) -> str:
         return explorer_measurement_url(self.uid)
+
+    @property
+    def simulated(self) -> bool:
+        """Simulated input is marked in its uid (``..._sim<hex>``): whatever is built on it must say so."""
+        return self.uid.rsplit("_", 1)[-1].startswith(SIM_MARK)
 
     @property
     def series_key(self) -> str:

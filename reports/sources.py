@@ -81,7 +81,7 @@ def from_measurements(items: Iterable[tuple[str, Any]], cc: str, since: date, un
             bad += 1
             log.debug("%s: %s", where, exc)
             continue
-        if isinstance(item, dict) and item.get("simulated"):
+        if m.simulated or (isinstance(item, dict) and item.get("simulated")):
             inp.simulated = True
         day = m.start_time.date()
         if m.cc != cc or m.test_name != WEB_TEST or not since <= day <= until:

@@ -41,7 +41,6 @@ MAX_POOLED = 300  # observations kept per target across ASNs
 OK, ANOMALY, CONFIRMED, FAILURE = 0, 1, 2, 3
 CODE = {Outcome.OK: OK, Outcome.ANOMALY: ANOMALY, Outcome.CONFIRMED: CONFIRMED, Outcome.FAILURE: FAILURE}
 BLOCKED, DOWN, STATE_OK, INSUFFICIENT = "blocked", "down", "ok", "insufficient"
-SIM_MARK = "sim"  # simulated measurements: the uid's last part starts with it (services/simulate.py)
 LINKS_PER_ASN = 3
 LINKS_PER_EVENT = 5
 
@@ -104,7 +103,7 @@ def _probe(m: Measurement) -> str:
 
 def is_simulated(m: Measurement) -> bool:
     """Simulated input is marked in its uid (``..._sim<hex>``): events built on it say so."""
-    return m.uid.rsplit("_", 1)[-1].startswith(SIM_MARK)
+    return m.simulated
 
 
 def receive_time(m: Measurement) -> float | None:
