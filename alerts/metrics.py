@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 from censorwatch.metrics_common import DEADLETTER_TOTAL as DEADLETTER_TOTAL
-from streams.metrics import CONSUMER_LAG as CONSUMER_LAG  # shared name: declared once (worker and dispatcher)
+from censorwatch.metrics_common import CONSUMER_LAG as CONSUMER_LAG
 
 OUTCOMES = ("sent", "failed", "duplicate", "silenced", "inhibited", "deadlettered")
 SINKS = ("console", "slack", "email")

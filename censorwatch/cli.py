@@ -26,6 +26,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    from alerts.routing import problems
+
+    if found := problems(settings):
+        raise ConfigError(found)
     print("configuration OK")
     print(f"  kafka: {settings.kafka_bootstrap or 'embedded Tansu broker on ' + settings.bootstrap()}")
     print(f"  countries: {', '.join(settings.countries)}; tests: {', '.join(settings.test_names)}")

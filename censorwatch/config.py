@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -413,5 +414,5 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(describe_errors(exc)) from None
-    except (OSError, ValueError) as exc:  # unreadable or malformed YAML
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # unreadable or malformed YAML
         raise ConfigError([f"config_file: {exc}"]) from None

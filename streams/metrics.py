@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from censorwatch.metrics_common import CONSUMER_LAG as CONSUMER_LAG
 from censorwatch.metrics_common import DEADLETTER_TOTAL as DEADLETTER_TOTAL
 
 MEASUREMENTS_PROCESSED = Counter(
@@ -39,11 +40,6 @@ PROCESSING_LATENCY = Histogram(
     "censorwatch_worker_processing_latency_seconds",
     "From the poller fetching a measurement to the worker emitting the event it triggered.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600),
-)
-CONSUMER_LAG = Gauge(
-    "censorwatch_consumer_lag",
-    "Messages behind the end of the topic, per consumer group.",
-    ["group", "topic"],
 )
 
 

@@ -1,0 +1,77 @@
+"""Settings: defaults, every problem reported at once, secrets never shown, files and env in the right order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from censorwatch.cli import main
+from censorwatch.config import DEFAULT_TESTS, ConfigError, load_settings
+
+
+def test_defaults_match_the_cambodian_deployment() -> None:
+    s = load_settings()
+    assert s.countries == ["KH"]
+    assert s.test_names == DEFAULT_TESTS
+    assert s.ooni_api_url == "https://api.ooni.io"
+    assert s.poll_interval_seconds == 60
+    assert s.embedded and s.bootstrap() == "127.0.0.1:9092"
+    assert not s.slack.enabled and s.slack.token is None
+
+
+def test_every_problem_is_listed_with_field_and_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CENSORWATCH_COUNTRIES", '["KHM", "kh"]')
+    monkeypatch.setenv("CENSORWATCH_SLACK__ENABLED", "true")
+    monkeypatch.setenv("CENSORWATCH_POLL_INTERVAL_SECONDS", "0")
+    monkeypatch.setenv("CENSORWATCH_DETECTION__CLOSE_THRESHOLD", "0.9")
+    assert main(["check-config"]) == 2
+    err = capsys.readouterr().err
+    assert "countries: not a two-letter country code: 'KHM'" in err
+    assert "slack: slack is enabled but no token is set" in err
+    assert "poll_interval_seconds" in err and "CENSORWATCH_POLL_INTERVAL_SECONDS" in err
+    assert "close_threshold must be below open_threshold" in err
+
+
+def test_every_command_validates_at_start(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CENSORWATCH_EMAIL__ENABLED", "true")
+    for command in (["poll"], ["worker"], ["dispatch"], ["replay", "x.jsonl"]):
+        assert main(command) == 2
+        assert "email is enabled but no recipients are set" in capsys.readouterr().err
+
+
+def test_secrets_come_from_env_or_files_and_are_never_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = tmp_path / "slack_token"
+    token.write_text("xoxb-from-a-file\n")
+    monkeypatch.setenv("CENSORWATCH_SLACK__ENABLED", "true")
+    monkeypatch.setenv("CENSORWATCH_SLACK__TOKEN_FILE", str(token))
+    s = load_settings()
+    assert s.slack.token is not None and s.slack.token.get_secret_value() == "xoxb-from-a-file"
+    assert "xoxb-from-a-file" not in repr(s) and "xoxb-from-a-file" not in str(s.model_dump())
+    assert main(["check-config"]) == 0
+    assert "xoxb" not in capsys.readouterr().out
+
+    monkeypatch.setenv("CENSORWATCH_SLACK__TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="cannot read secret file"):
+        load_settings()
+
+
+def test_yaml_file_then_environment_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "censorwatch.yaml"
+    config.write_text("countries: [KH, MM]\npoll_interval_seconds: 120\ndetection:\n  min_probes: 3\n")
+    monkeypatch.setenv("CENSORWATCH_CONFIG_FILE", str(config))
+    monkeypatch.setenv("CENSORWATCH_POLL_INTERVAL_SECONDS", "30")
+    s = load_settings()
+    assert s.countries == ["KH", "MM"]
+    assert s.poll_interval_seconds == 30  # the environment wins over the file
+    assert s.detection.min_probes == 3
+
+    config.write_text("countries: [KH\n")
+    with pytest.raises(ConfigError, match="config_file"):
+        load_settings()
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings(config_file=tmp_path / "nope.yaml")
