@@ -7,6 +7,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
+from censorwatch.data import ASN_NAMES
 from reports.core import (
     References,
     add_test_list,
@@ -61,7 +62,7 @@ def references(args: argparse.Namespace) -> References:
     for name in ("category_codes_new.csv", "category_codes_legacy.csv"):
         for code, label in parse_legend((DATA / name).read_text(encoding="utf-8")).items():
             refs.category_names.setdefault(code, label)
-    refs.asn_names = parse_asn_names((DATA / "asn_names_kh.csv").read_text(encoding="utf-8"))
+    refs.asn_names = parse_asn_names(ASN_NAMES.read_text(encoding="utf-8"))
     if args.asn_names:
         refs.asn_names.update(parse_asn_names(args.asn_names.read_text(encoding="utf-8")))
     if args.watchlist:

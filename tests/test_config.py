@@ -75,3 +75,14 @@ def test_yaml_file_then_environment_override(tmp_path: Path, monkeypatch: pytest
         load_settings()
     with pytest.raises(ConfigError, match="no such file"):
         load_settings(config_file=tmp_path / "nope.yaml")
+
+
+def test_the_shipped_example_configuration_is_valid_and_loads_the_watchlist() -> None:
+    from streams.detection import DetectionContext
+
+    root = Path(__file__).resolve().parent.parent
+    s = load_settings(config_file=root / "examples/kh-election.yaml")
+    assert s.watch.windows[0].route == "election"
+    ctx = DetectionContext.from_settings(s)
+    assert ctx.categories[("KH", "kamnotra.io")] == "NEWS"
+    assert ctx.asn_names[38623].startswith("VIETTEL")

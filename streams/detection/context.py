@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from censorwatch.config import Settings, WatchWindow
+from censorwatch.data import ASN_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class DetectionContext:
     def from_settings(cls, settings: Settings) -> DetectionContext:
         watch = settings.watch
         ctx = cls(windows=[Window.of(w) for w in watch.windows])
+        ctx.asn_names.update(load_asn_names(ASN_NAMES))  # shipped names of Cambodian networks; files may override
         for cc, path in watch.watchlists.items():
             ctx.categories.update(load_watchlist(cc, path))
         for path in watch.asn_names_files:
