@@ -30,9 +30,11 @@ def broker_binary() -> str:
 class EmbeddedBroker:
     """A Tansu broker on 127.0.0.1:port, started and stopped with this object."""
 
-    def __init__(self, port: int, log_file: Path | None = None) -> None:
+    def __init__(self, port: int, log_file: Path | None = None, advertised_port: int | None = None) -> None:
         self.port = port
         self.log_file = log_file
+        # Clients learn the broker's address from metadata: a different advertised port puts a proxy in the path.
+        self.advertised_port = advertised_port or port
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -41,12 +43,13 @@ class EmbeddedBroker:
 
     def start(self, timeout: float = 30.0) -> EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         out = subprocess.DEVNULL
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             out = self.log_file.open("ab")  # type: ignore[assignment]
         self._proc = subprocess.Popen(
-            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C goes to us; we stop it in order
