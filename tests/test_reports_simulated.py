@@ -33,6 +33,12 @@ def election(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def report(measurements: Path, fmt: str, *extra: str) -> int:
+    """``censorwatch report`` for the monitoring period of the seed report, over recorded measurements."""
+    period = ["--country", "KH", "--since", "2023-07-01", "--until", "2023-08-15"]
+    return main(["report", *period, "--source", "measurements", str(measurements), "--format", fmt, *extra])
+
+
 def _monthly(path: Path) -> dict[str, Counter[str]]:
     """OONI's disjoint counters per month, computed independently from the raw JSONL."""
     months: dict[str, Counter[str]] = {}
@@ -56,24 +62,7 @@ def _monthly(path: Path) -> dict[str, Counter[str]]:
 
 def test_report_on_simulated_election_is_labelled_and_adds_up(election: Path, tmp_path: Path) -> None:
     out = tmp_path / "csv"
-    code = main(
-        [
-            "report",
-            "--country",
-            "KH",
-            "--since",
-            "2023-07-01",
-            "--until",
-            "2023-08-15",
-            "--source",
-            "measurements",
-            str(election),
-            "--format",
-            "csv",
-            "--out",
-            str(out),
-        ]
-    )
+    code = report(election, "csv", "--out", str(out))
     assert code == 0
     tables = {p.stem: list(csv.DictReader(p.open())) for p in out.glob("*.csv")}
     monthly = next(rows for name, rows in tables.items() if "month" in name)
@@ -97,22 +86,7 @@ def test_report_on_simulated_election_is_labelled_and_adds_up(election: Path, tm
 
 
 def test_markdown_report_on_simulated_input_says_so(election: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(
-        [
-            "report",
-            "--country",
-            "KH",
-            "--since",
-            "2023-07-01",
-            "--until",
-            "2023-08-15",
-            "--source",
-            "measurements",
-            str(election),
-            "--format",
-            "md",
-        ]
-    )
+    code = report(election, "md")
     assert code == 0
     text = capsys.readouterr().out
     assert "SIMULATED" in text
