@@ -43,9 +43,9 @@ def parse_time(value: Any) -> datetime:
             continue
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except (ValueError, OverflowError):  # not ISO, or an offset that leaves the calendar (year 1 / 9999)
         raise NormaliseError(f"measurement_start_time is not a timestamp: {value[:60]!r}") from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def parse_asn(value: Any) -> int:
@@ -60,6 +60,15 @@ def parse_asn(value: Any) -> int:
     if not 0 < asn < 2**32:
         raise NormaliseError(f"probe_asn out of range: {asn}")
     return asn
+
+
+def _utf8(name: str, value: str) -> str:
+    """Text that cannot be encoded (lone surrogates from undecodable bytes) would fail later, on the topic."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise NormaliseError(f"{name} is not valid UTF-8 text: {value[:60]!r}") from None
+    return value
 
 
 def _flag(item: dict[str, Any], *names: str) -> bool:
@@ -135,6 +144,8 @@ def normalise(item: Any, *, fetched_at: datetime | None = None) -> Measurement:
     raw_input = item.get("input")
     if raw_input is not None and not isinstance(raw_input, str):
         raise NormaliseError(f"input must be a string or null, got {type(raw_input).__name__}")
+    if raw_input is not None:
+        _utf8("input", raw_input)
     if raw_input is not None and len(raw_input) > MAX_INPUT_LENGTH:
         raise NormaliseError(f"input is {len(raw_input)} characters long (limit {MAX_INPUT_LENGTH})")
     if raw_input is not None and any(ord(c) < 0x20 or ord(c) == 0x7F for c in raw_input):
@@ -153,6 +164,8 @@ def normalise(item: Any, *, fetched_at: datetime | None = None) -> Measurement:
         blocking_type = item["blocking_type"]  # fastpath row column
     if blocking_type is not None and (not isinstance(blocking_type, str) or len(blocking_type) > 40):
         raise NormaliseError(f"scores.analysis.blocking_type is not a method name: {str(blocking_type)[:40]!r}")
+    if blocking_type is not None:
+        _utf8("scores.analysis.blocking_type", blocking_type)
     return Measurement(
         uid=uid,
         report_id=_text(item, "report_id", required=False),
