@@ -202,7 +202,9 @@ def test_restart_mid_run_with_late_items_neither_skips_nor_repeats(kafka_setting
 
 
 def test_future_probe_clock_does_not_move_the_cursor_past_now(kafka_settings: Settings) -> None:
-    future = make_item(start=NOW + timedelta(hours=20), seq=1)
+    # As far ahead as the API's default window serves (until = tomorrow 00:00 UTC), whatever the hour of the run.
+    midnight = datetime(NOW.year, NOW.month, NOW.day, tzinfo=UTC) + timedelta(days=1)
+    future = make_item(start=min(NOW + timedelta(hours=20), midnight - timedelta(seconds=1)), seq=1)
     with FakeOoniApi([future]) as api:
         settings = poller_settings(kafka_settings, api, ["KH"])
         poller = make_poller(settings, clock=lambda: NOW)
