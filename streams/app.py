@@ -2,14 +2,18 @@
 
 The agent only decodes, loads state from the table, calls ``Engine.step``, stores the returned changes, and sends
 the returned events. Anything that fails for one record is dead-lettered with its reason (a Faust agent that
-raises would ack the record silently). Time-driven evaluation (coverage gaps, time hysteresis) arrives as *tick*
-records on the measurement topic, sent by the leader's timer keyed by country, so ticks are processed in order with
-the measurements of their partition — the same order ``run_offline`` sees.
+raises would ack the record silently); if too much of the input fails, the worker stops non-zero and leaves the
+rest unacknowledged. Time-driven evaluation (coverage gaps, time hysteresis) arrives as *tick* records on the
+measurement topic, sent by the leader's timer keyed by country, so ticks are processed in order with the
+measurements of their partition — the same order ``run_offline`` sees.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
 import weakref
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -80,22 +84,34 @@ class Overlay(Mapping[str, Any]):
 
 
 class DeadLetterGuard:
-    """Tracks the dead-letter share of the last ``window`` records and trips above ``max_ratio``."""
+    """Tracks the dead-letter share of the last ``window`` records and trips above ``max_ratio``.
+
+    ``record`` only says whether the cap is exceeded; the agent then stops at that record, keeps the rest of the
+    batch unacknowledged (so it is redelivered after the fix is deployed) and shuts the worker down non-zero.
+    """
 
     def __init__(self, max_ratio: float, window: int = 200, minimum: int = 50) -> None:
         self.max_ratio = max_ratio
         self.minimum = minimum
         self.recent: deque[bool] = deque(maxlen=window)
 
-    def record(self, dead: bool) -> None:
+    def record(self, dead: bool) -> DeadLetterRatioExceeded | None:
         self.recent.append(dead)
         if len(self.recent) >= self.minimum:
             ratio = sum(self.recent) / len(self.recent)
             if ratio > self.max_ratio:
-                raise DeadLetterRatioExceeded(
+                return DeadLetterRatioExceeded(
                     f"{ratio:.0%} of the last {len(self.recent)} records were dead-lettered "
                     f"(limit {self.max_ratio:.0%}): stopping instead of discarding the stream"
                 )
+        return None
+
+
+def hold(events: list[Any]) -> None:
+    """Keep events out of the commit: ``take_events`` acks its whole batch when the agent leaves it, and an
+    already-acked message is skipped, so its offset is never marked safe to commit and it is consumed again."""
+    for event in events:
+        event.message.acked = True
 
 
 def publish_series(result: StepResult) -> None:
@@ -195,6 +211,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         partitions=settings.topic_partitions,
     )
     guard = DeadLetterGuard(settings.deadletter_max_ratio)
+    fatal: list[DeadLetterRatioExceeded] = []  # set when the cap trips; the worker then exits non-zero
     open_events = OpenEvents(settings.countries)
     metrics.DEADLETTER_TOTAL.labels(stage="worker")  # exported at 0 from the start, as are the late kinds
     for kind in ("revised", "too_late"):
@@ -224,14 +241,26 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
             by_partition: dict[int, list[Any]] = {}
             for event in batch:
                 by_partition.setdefault(event.message.partition, []).append(event)
+            unhandled: list[Any] = []
             for events in by_partition.values():
-                await process_partition_batch(events)
+                if unhandled:
+                    unhandled += events
+                    continue
+                unhandled = await process_partition_batch(events)
             _current_event.set(None)
+            if fatal:
+                hold(unhandled)
+                log.critical("%s; %d record(s) left unacknowledged for the next start", fatal[0], len(unhandled))
+                os.kill(os.getpid(), signal.SIGTERM)  # Faust's clean stop: flush, commit what was handled
+                await asyncio.Event().wait()  # take no further batch; cancelled by the stop
 
-    async def process_partition_batch(batch: list[Any]) -> None:
+    async def process_partition_batch(batch: list[Any]) -> list[Any]:
+        """Handle the records in order, store their state and send their events; return the records it did not
+        reach because the dead-letter cap tripped (empty otherwise)."""
         view = Overlay(state)
         outgoing: list[tuple[Event, Measurement | None]] = []
-        for event in batch:
+        unhandled: list[Any] = []
+        for i, event in enumerate(batch):
             raw: bytes = event.value
             source = f"{event.message.topic}/{event.message.partition}@{event.message.offset}"
             try:
@@ -241,8 +270,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
                     raw = orjson.dumps(doc)
                 result, m = handle(view, raw)
             except (orjson.JSONDecodeError, ValidationError, ValueError, KeyError, TypeError) as exc:
-                guard.record(True)
                 await dead_letter(f"{type(exc).__name__}: {exc}", raw, event.key, source)
+                tripped = guard.record(True)
+                if tripped is not None:
+                    fatal.append(tripped)
+                    unhandled = batch[i + 1 :]
+                    break
                 continue
             guard.record(False)
             view.apply(result.changes)
@@ -262,6 +295,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
             metrics.EVENTS_EMITTED.labels(kind=ev.kind.value, action=ev.action.value).inc()
             if m is not None and m.fetched_at is not None:
                 metrics.PROCESSING_LATENCY.observe(max(0.0, (utcnow() - m.fetched_at).total_seconds()))
+        return unhandled
 
     @app.timer(interval=60.0, on_leader=True)
     async def tick() -> None:
@@ -274,6 +308,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         open_events.rescan(state)
 
     app.censorwatch_state = state  # type: ignore[attr-defined]
+    app.censorwatch_fatal = fatal  # type: ignore[attr-defined]
     app.censorwatch_detect = detect  # type: ignore[attr-defined]
     return app
 
