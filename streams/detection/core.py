@@ -38,6 +38,7 @@ from streams.detection.stats import cusum_up, wilson
 
 MAX_OBS = 240  # observations kept per series: bounds a table value whatever the window and volume
 MAX_POOLED = 300  # observations kept per target across ASNs
+NETWORK_PRUNE_SECONDS = 3600.0  # how often an ASN's target list is pruned to the window (measurement time)
 OK, ANOMALY, CONFIRMED, FAILURE = 0, 1, 2, 3
 CODE = {Outcome.OK: OK, Outcome.ANOMALY: ANOMALY, Outcome.CONFIRMED: CONFIRMED, Outcome.FAILURE: FAILURE}
 BLOCKED, DOWN, STATE_OK, INSUFFICIENT = "blocked", "down", "ok", "insufficient"
@@ -109,8 +110,19 @@ def is_simulated(m: Measurement) -> bool:
 def receive_time(m: Measurement) -> float | None:
     """When the collector received it: the uid's ``YYYYMMDDHHMMSS.ffffff_`` prefix, else the fetch time."""
     head = m.uid.split("_", 1)[0]
-    try:
-        return datetime.strptime(head, "%Y%m%d%H%M%S.%f").replace(tzinfo=UTC).timestamp()
+    try:  # by hand: strptime was a tenth of the engine's time
+        if len(head) != 21 or head[14] != "." or not head.replace(".", "", 1).isdigit():
+            raise ValueError(head)
+        return datetime(
+            int(head[0:4]),
+            int(head[4:6]),
+            int(head[6:8]),
+            int(head[8:10]),
+            int(head[10:12]),
+            int(head[12:14]),
+            int(head[15:21]),
+            tzinfo=UTC,
+        ).timestamp()
     except ValueError:
         return m.fetched_at.timestamp() if m.fetched_at else None
 
@@ -162,10 +174,11 @@ class Engine:
         skey = series_state_key(cc, asn, target)
         series = dict(state.get(skey) or {"o": [], "st": INSUFFICIENT, "f0": t})
         obs: list[list[Any]] = list(series["o"])
-        if any(o[4] in (m.uid, _short(m.uid)) for o in obs):
+        uid, short_uid = m.uid, _short(m.uid)
+        if any(o[4] == uid or o[4] == short_uid for o in obs):
             return StepResult({}, [], {"duplicate": 1})
         late = t < wm - cfg.late_after_seconds
-        counters: Counter[str] = Counter()
+        counters: dict[str, int] = {}
         changes: dict[str, Any | None] = {}
         events: list[Event] = []
         sim = is_simulated(m)
@@ -201,11 +214,16 @@ class Engine:
         bad = outcome in (ANOMALY, CONFIRMED)
         method = m.blocking_type or ("fingerprint" if m.confirmed_by else "unspecified")
         # ok measurements keep only a short hash of their uid (de-duplication); anomalies keep it whole (links)
-        obs.append([round(t, 3), outcome, _probe(m), method if bad else "", m.uid if bad else _short(m.uid)])
-        obs.sort(key=lambda o: (o[0], o[4]))
+        t_obs, probe = round(t, 3), _probe(m)
+        entry = [t_obs, outcome, probe, method if bad else "", uid if bad else short_uid]
+        in_order = not obs or (obs[-1][0], obs[-1][4]) <= (entry[0], entry[4])
+        obs.append(entry)
+        if not in_order:  # late data lands in its place
+            obs.sort(key=lambda o: (o[0], o[4]))
         latest = float(obs[-1][0])
         keep = max(cfg.window_hours, cfg.revision_window_hours) * 3600
-        obs = [o for o in obs if o[0] >= latest - keep][-MAX_OBS:]
+        if obs[0][0] < latest - keep or len(obs) > MAX_OBS:
+            obs = [o for o in obs if o[0] >= latest - keep][-MAX_OBS:]
         series["o"] = obs
         series["f0"] = min(float(series.get("f0", t)), t)
         if outcome != FAILURE and t - float(country["t0"]) <= cfg.warmup_hours * 3600:  # warm-up history
@@ -225,7 +243,7 @@ class Engine:
         pooled = dict(state.get(pkey) or {"o": [], "f0": t})
         pobs = [o for o in pooled["o"] if o[0] >= latest - cfg.pooled_window_hours * 3600]
         if outcome != FAILURE:
-            pobs.append([round(t, 3), outcome, _probe(m), asn])
+            pobs.append([t_obs, outcome, probe, asn])
             pobs.sort(key=lambda o: o[0])
         pooled["o"] = pobs[-MAX_POOLED:]
         pooled["f0"] = min(float(pooled.get("f0", t)), t)
@@ -257,7 +275,7 @@ class Engine:
                 ev["sim"] = True
             if late:
                 ev["v"] += 1
-                counters["late_revised"] += 1
+                counters["late_revised"] = counters.get("late_revised", 0) + 1
                 events.append(
                     self._target_event(
                         ev,
@@ -283,16 +301,16 @@ class Engine:
             if not ev["open"]:
                 pooled["clr"] = latest  # the pooled evidence of the ended event is spent
         elif late and ev and str(asn) in ev.get("a", {}):
-            counters["late"] += 1
+            counters["late"] = counters.get("late", 0) + 1
         elif not (ev and ev.get("open")) and bad and not outage_open:
             opened = self._pooled_open(state, changes, m, pooled, float(country["t0"]), latest, sim)
             if opened is not None:
                 events.append(opened)
 
         if len(events) > cfg.max_alerts_per_run:
-            counters["capped"] += len(events) - cfg.max_alerts_per_run
+            counters["capped"] = counters.get("capped", 0) + len(events) - cfg.max_alerts_per_run
             events = events[: cfg.max_alerts_per_run]
-        return StepResult(changes, events, dict(counters))
+        return StepResult(changes, events, counters)
 
     # ---------------------------------------------------------------------------------------------- tick
     def tick(self, state: Mapping[str, Any], cc: str, now: datetime) -> StepResult:
@@ -346,6 +364,8 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ evidence
     def _sensitivity(self, cc: str, target: str, t: float) -> float:
+        if not self.ctx.windows:
+            return 1.0
         return max((w.sensitivity for w in self.ctx.windows_for(cc, target, t)), default=1.0)
 
     def _evidence(self, obs: list[list[Any]], latest: float, after: float = 0.0) -> dict[str, Any]:
@@ -354,18 +374,33 @@ class Engine:
         ``after``: the time the series last cleared; evidence spent on the previous event does not count again.
         """
         cfg = self.cfg
-        window = [o for o in obs if o[0] >= latest - cfg.window_hours * 3600 and o[0] > after]
-        valid = [o for o in window if o[1] != FAILURE]
-        bad = [o for o in valid if o[1] in (ANOMALY, CONFIRMED)]
+        since = max(latest - cfg.window_hours * 3600, math.nextafter(after, math.inf))
+        valid: list[list[Any]] = []
+        flags: list[bool] = []
+        bad: list[list[Any]] = []
+        failures = confirmed = 0
+        for o in obs:  # one pass: this runs for every measurement
+            if o[0] < since:
+                continue
+            code = o[1]
+            if code == FAILURE:
+                failures += 1
+                continue
+            valid.append(o)
+            is_bad = code in (ANOMALY, CONFIRMED)
+            flags.append(is_bad)
+            if is_bad:
+                bad.append(o)
+                confirmed += code == CONFIRMED
         k, n = len(bad), len(valid)
         low, high = wilson(k, n, cfg.confidence_z)
-        s, start = cusum_up((o[1] in (ANOMALY, CONFIRMED) for o in valid), cfg.cusum_p0, cfg.cusum_p1)
+        s, start = cusum_up(flags, cfg.cusum_p0, cfg.cusum_p1)
         run_probes = len({o[2] for o in valid[start:] if o[1] in (ANOMALY, CONFIRMED)})
         return {
             "k": k,
             "n": n,
-            "c": sum(1 for o in valid if o[1] == CONFIRMED),
-            "f": len(window) - n,
+            "c": confirmed,
+            "f": failures,
             "p": len({o[2] for o in valid}),
             "lo": round(low, 4),
             "hi": round(high, 4),
@@ -506,7 +541,17 @@ class Engine:
 
     @staticmethod
     def _asn_evidence(e: dict[str, Any], series: dict[str, Any]) -> dict[str, Any]:
-        return {key: e[key] for key in ("k", "n", "c", "f", "p", "lo", "hi", "m", "ls", "u")} | {
+        return {
+            "k": e["k"],
+            "n": e["n"],
+            "c": e["c"],
+            "f": e["f"],
+            "p": e["p"],
+            "lo": e["lo"],
+            "hi": e["hi"],
+            "m": e["m"],
+            "ls": e["ls"],
+            "u": e["u"],
             "fs": series.get("run", e["fs"]),
             "ab": bool(series.get("ab")),
         }
@@ -525,16 +570,33 @@ class Engine:
         """Track failing targets per ASN; open one outage event when most of them fail at once."""
         cfg = self.cfg
         nkey = network_state_key(cc, asn)
-        net = dict(state.get(nkey) or {"t": {}})
-        recent = [o for o in obs if o[0] >= now - cfg.window_hours * 3600][-3:]
-        failing = len(recent) >= 2 and all(o[1] != OK for o in recent)
+        net = state.get(nkey) or {"t": {}}
         horizon = now - cfg.window_hours * 3600
-        targets = {k: v for k, v in net["t"].items() if v[0] >= horizon}
-        targets[target] = [now, 1 if failing else 0]
-        net["t"] = targets
-        changes: dict[str, Any | None] = {nkey: net}
-        n_recent = len(targets)
-        n_bad = sum(v[1] for v in targets.values())
+        recent = [o for o in obs[-3:] if o[0] >= horizon]  # obs is in time order: the filter keeps a suffix
+        failing = 1 if len(recent) >= 2 and all(o[1] != OK for o in recent) else 0
+        # An ASN carries ~2,000 targets: copying, pruning and recounting them (and writing them to the changelog)
+        # on every measurement was the engine's main cost. A target's entry is refreshed only when its flag
+        # changes or it is NETWORK_PRUNE_SECONDS old, the list is pruned at most that often, and the failing
+        # count is kept incrementally: a target may count up to twice that long past the window.
+        every = min(NETWORK_PRUNE_SECONDS, cfg.window_hours * 3600)
+        pruned = float(net.get("pr", 0.0))
+        n_bad: int | None = net.get("bad")
+        previous = net["t"].get(target)
+        due = n_bad is None or not pruned <= now < pruned + every
+        changes: dict[str, Any | None] = {}
+        if due or previous is None or previous[1] != failing or not previous[0] <= now < previous[0] + every:
+            targets = dict(net["t"])  # copy-on-write (a C-level copy): the caller's state is never mutated
+            if due:
+                targets = {k: v for k, v in targets.items() if v[0] >= horizon}
+                pruned = now
+                n_bad = sum(v[1] for v in targets.values())
+                previous = targets.get(target)
+            n_bad = (n_bad or 0) + failing - (previous[1] if previous else 0)
+            targets[target] = [now, failing]
+            net = {"t": targets, "bad": n_bad, "pr": pruned}
+            changes[nkey] = net
+        n_recent = len(net["t"])
+        n_bad = n_bad or 0
         okey = outage_state_key(cc, asn)
         out = state.get(okey)
         is_open = bool(out and out.get("open"))
