@@ -4,7 +4,7 @@ State is a flat mapping of small JSON values, all of one country (the measuremen
 
 - ``c|CC``            country index: first and latest event time seen (watermark), last-seen time per ASN;
 - ``s|CC|ASN|TARGET`` one series: recent observations (time, outcome, probe, method, uid) and its state;
-- ``n|CC|ASN``        one network: which targets on it are failing now (for outage detection);
+- ``n|CC|ASN``        one network: how many targets on it were measured and are failing, per hour (outages);
 - ``e|CC|t|TARGET``   the target event (one per site or app, across ASNs);
 - ``e|CC|n|ASN``      the network outage event; ``e|CC|g|ASN`` the coverage-gap event.
 
@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, Literal
 
 from censorwatch.config import DetectionSettings
@@ -38,7 +40,6 @@ from streams.detection.stats import cusum_up, wilson
 
 MAX_OBS = 240  # observations kept per series: bounds a table value whatever the window and volume
 MAX_POOLED = 300  # observations kept per target across ASNs
-NETWORK_PRUNE_SECONDS = 3600.0  # how often an ASN's target list is pruned to the window (measurement time)
 OK, ANOMALY, CONFIRMED, FAILURE = 0, 1, 2, 3
 CODE = {Outcome.OK: OK, Outcome.ANOMALY: ANOMALY, Outcome.CONFIRMED: CONFIRMED, Outcome.FAILURE: FAILURE}
 BLOCKED, DOWN, STATE_OK, INSUFFICIENT = "blocked", "down", "ok", "insufficient"
@@ -87,6 +88,14 @@ def gap_state_key(cc: str, asn: int) -> str:
     return f"e|{cc}|g|{asn}"
 
 
+def _bump(counts: dict[str, int], key: str, by: int) -> None:
+    value = counts.get(key, 0) + by
+    if value > 0:
+        counts[key] = value
+    else:
+        counts.pop(key, None)
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
@@ -107,22 +116,29 @@ def is_simulated(m: Measurement) -> bool:
     return m.simulated
 
 
+def _obs_time(o: list[Any]) -> float:
+    return float(o[0])
+
+
+@lru_cache(maxsize=4096)
+def _hour_start(yyyymmddhh: str) -> float:
+    """Epoch seconds of an hour: cached, as a stream's uids share a handful of hours (strptime per
+    measurement was a tenth of the engine's time)."""
+    return datetime(
+        int(yyyymmddhh[0:4]), int(yyyymmddhh[4:6]), int(yyyymmddhh[6:8]), int(yyyymmddhh[8:10]), tzinfo=UTC
+    ).timestamp()
+
+
 def receive_time(m: Measurement) -> float | None:
     """When the collector received it: the uid's ``YYYYMMDDHHMMSS.ffffff_`` prefix, else the fetch time."""
-    head = m.uid.split("_", 1)[0]
-    try:  # by hand: strptime was a tenth of the engine's time
-        if len(head) != 21 or head[14] != "." or not head.replace(".", "", 1).isdigit():
+    head = m.uid[:21]
+    try:
+        if len(head) != 21 or head[14] != "." or not (head[:14].isdigit() and head[15:].isdigit()):
             raise ValueError(head)
-        return datetime(
-            int(head[0:4]),
-            int(head[4:6]),
-            int(head[6:8]),
-            int(head[8:10]),
-            int(head[10:12]),
-            int(head[12:14]),
-            int(head[15:21]),
-            tzinfo=UTC,
-        ).timestamp()
+        minute, second = int(head[10:12]), int(head[12:14])
+        if minute > 59 or second > 59:
+            raise ValueError(head)
+        return _hour_start(head[:10]) + minute * 60 + second + int(head[15:21]) / 1e6
     except ValueError:
         return m.fetched_at.timestamp() if m.fetched_at else None
 
@@ -175,8 +191,12 @@ class Engine:
         series = dict(state.get(skey) or {"o": [], "st": INSUFFICIENT, "f0": t})
         obs: list[list[Any]] = list(series["o"])
         uid, short_uid = m.uid, _short(m.uid)
-        if any(o[4] == uid or o[4] == short_uid for o in obs):
-            return StepResult({}, [], {"duplicate": 1})
+        t_obs = round(t, 3)
+        i = bisect_left(obs, t_obs, key=_obs_time)  # obs is in time order; a duplicate has the same time
+        while i < len(obs) and obs[i][0] == t_obs:
+            if obs[i][4] == uid or obs[i][4] == short_uid:
+                return StepResult({}, [], {"duplicate": 1})
+            i += 1
         late = t < wm - cfg.late_after_seconds
         counters: dict[str, int] = {}
         changes: dict[str, Any | None] = {}
@@ -214,7 +234,7 @@ class Engine:
         bad = outcome in (ANOMALY, CONFIRMED)
         method = m.blocking_type or ("fingerprint" if m.confirmed_by else "unspecified")
         # ok measurements keep only a short hash of their uid (de-duplication); anomalies keep it whole (links)
-        t_obs, probe = round(t, 3), _probe(m)
+        probe = _probe(m)
         entry = [t_obs, outcome, probe, method if bad else "", uid if bad else short_uid]
         in_order = not obs or (obs[-1][0], obs[-1][4]) <= (entry[0], entry[4])
         obs.append(entry)
@@ -234,17 +254,22 @@ class Engine:
         evidence = self._evidence(obs, latest, float(series.get("clr", 0.0)))
 
         # Network: is this target failing on this ASN? Many failing at once = outage (inhibits target alerts).
-        outage_changes, outage_events, outage_open = self._network(state, cc, asn, target, obs, latest, sim)
+        outage_changes, outage_events, outage_open = self._network(state, cc, asn, series, obs, latest, sim)
         changes.update(outage_changes)
         events += outage_events
 
         # Pooled evidence for the target across ASNs (sparse networks rarely reach a floor on their own).
         pkey = pooled_state_key(cc, target)
         pooled = dict(state.get(pkey) or {"o": [], "f0": t})
-        pobs = [o for o in pooled["o"] if o[0] >= latest - cfg.pooled_window_hours * 3600]
+        pobs = list(pooled["o"])
+        cutoff = latest - cfg.pooled_window_hours * 3600
+        if pobs and pobs[0][0] < cutoff:
+            pobs = [o for o in pobs if o[0] >= cutoff]
         if outcome != FAILURE:
+            in_order = not pobs or pobs[-1][0] <= t_obs
             pobs.append([t_obs, outcome, probe, asn])
-            pobs.sort(key=lambda o: o[0])
+            if not in_order:
+                pobs.sort(key=_obs_time)
         pooled["o"] = pobs[-MAX_POOLED:]
         pooled["f0"] = min(float(pooled.get("f0", t)), t)
         changes[pkey] = pooled
@@ -562,41 +587,51 @@ class Engine:
         state: Mapping[str, Any],
         cc: str,
         asn: int,
-        target: str,
+        series: dict[str, Any],
         obs: list[list[Any]],
         now: float,
         sim: bool,
     ) -> tuple[dict[str, Any | None], list[Event], bool]:
-        """Track failing targets per ASN; open one outage event when most of them fail at once."""
+        """Count the targets measured and failing on an ASN in the window; open one outage event when most of
+        them fail at once.
+
+        An ASN carries ~2,000 targets, so the network state holds no per-target list (copying and rewriting it
+        on every measurement was the engine's main cost): it holds per-hour counts of targets by the hour of
+        their latest measurement, and each series remembers its own contribution (``nw``) to move it. Hours are
+        whole, so a target can count up to an hour past the window.
+        """
         cfg = self.cfg
         nkey = network_state_key(cc, asn)
-        net = state.get(nkey) or {"t": {}}
         horizon = now - cfg.window_hours * 3600
         recent = [o for o in obs[-3:] if o[0] >= horizon]  # obs is in time order: the filter keeps a suffix
         failing = 1 if len(recent) >= 2 and all(o[1] != OK for o in recent) else 0
-        # An ASN carries ~2,000 targets: copying, pruning and recounting them (and writing them to the changelog)
-        # on every measurement was the engine's main cost. A target's entry is refreshed only when its flag
-        # changes or it is NETWORK_PRUNE_SECONDS old, the list is pruned at most that often, and the failing
-        # count is kept incrementally: a target may count up to twice that long past the window.
-        every = min(NETWORK_PRUNE_SECONDS, cfg.window_hours * 3600)
-        pruned = float(net.get("pr", 0.0))
-        n_bad: int | None = net.get("bad")
-        previous = net["t"].get(target)
-        due = n_bad is None or not pruned <= now < pruned + every
-        changes: dict[str, Any | None] = {}
-        if due or previous is None or previous[1] != failing or not previous[0] <= now < previous[0] + every:
-            targets = dict(net["t"])  # copy-on-write (a C-level copy): the caller's state is never mutated
-            if due:
-                targets = {k: v for k, v in targets.items() if v[0] >= horizon}
-                pruned = now
-                n_bad = sum(v[1] for v in targets.values())
-                previous = targets.get(target)
-            n_bad = (n_bad or 0) + failing - (previous[1] if previous else 0)
-            targets[target] = [now, failing]
-            net = {"t": targets, "bad": n_bad, "pr": pruned}
-            changes[nkey] = net
-        n_recent = len(net["t"])
-        n_bad = n_bad or 0
+        net = state.get(nkey) or {}
+        seen: dict[str, int] = dict(net.get("seen") or {})
+        bad: dict[str, int] = dict(net.get("bad") or {})
+        n_recent, n_bad = int(net.get("ns", 0)), int(net.get("nb", 0))
+        previous = series.get("nw")
+        if previous and previous[0] in seen:  # an hour already pruned was already subtracted
+            _bump(seen, previous[0], -1)
+            n_recent -= 1
+            if previous[1] and previous[0] in bad:
+                _bump(bad, previous[0], -1)
+                n_bad -= 1
+        hour = str(int(now // 3600))
+        _bump(seen, hour, 1)
+        n_recent += 1
+        if failing:
+            _bump(bad, hour, 1)
+            n_bad += 1
+        series["nw"] = [hour, failing]
+        first = int(horizon // 3600)
+        if first > int(net.get("h0", 0)):  # once per hour of measurement time: drop the hours that left the window
+            for counts in (seen, bad):
+                for h in [h for h in counts if int(h) < first]:
+                    del counts[h]
+            n_recent, n_bad = sum(seen.values()), sum(bad.values())
+        changes: dict[str, Any | None] = {
+            nkey: {"seen": seen, "bad": bad, "ns": n_recent, "nb": n_bad, "h0": max(first, int(net.get("h0", 0)))}
+        }
         okey = outage_state_key(cc, asn)
         out = state.get(okey)
         is_open = bool(out and out.get("open"))

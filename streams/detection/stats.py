@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from functools import lru_cache
 
 
 def wilson(k: int, n: int, z: float) -> tuple[float, float]:
@@ -21,6 +22,7 @@ def wilson(k: int, n: int, z: float) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+@lru_cache(maxsize=64)  # the same two settings for every measurement
 def llr_weights(p0: float, p1: float) -> tuple[float, float]:
     """Log-likelihood ratio of one anomalous and one ok measurement, blocked (p1) against unblocked (p0)."""
     return math.log(p1 / p0), math.log((1 - p1) / (1 - p0))
