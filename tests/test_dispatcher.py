@@ -5,6 +5,7 @@ Every wait is on a condition with a timeout: Slack calls seen, emails received, 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -246,3 +247,58 @@ def test_sigterm_finishes_commits_and_exits_zero(kafka_settings: Settings) -> No
             proc.wait()
     reader.join(5)
     assert any("dispatcher stopped" in line for line in lines)
+
+
+def test_heartbeat_tells_no_alerts_from_no_delivery(kafka_settings: Settings) -> None:
+    """Every interval the heartbeat receivers hear the dispatcher is alive and what it delivered since."""
+    with FakeSlackApi(TOKEN) as api:
+        alerts = {
+            "retry_initial_seconds": 0.1,
+            "retry_max_backoff_seconds": 0.5,
+            "heartbeat_receivers": ["slack:#ops"],
+            "heartbeat_interval_seconds": 0.5,
+        }
+        s = make_settings(kafka_settings, slack=slack_cfg(api), console=False, alerts=alerts)
+        produce(s, life()[:1])
+
+        def beats(a: FakeSlackApi) -> list[Any]:
+            return [c for c in a.calls_of("chat.postMessage") if c.params["channel"] == "#ops"]
+
+        def delivered(a: FakeSlackApi) -> int:
+            return sum(int(re.search(r"(\d+) notices delivered", c.text).group(1)) for c in beats(a))  # type: ignore[union-attr]
+
+        with running(Dispatcher(s)):
+            api.wait_for(lambda a: len(a.calls_of("chat.postMessage")) >= 1 and delivered(a) >= 1)
+            n = len(beats(api))
+            api.wait_for(lambda a: len(beats(a)) >= n + 2)  # it keeps beating while nothing happens
+    alerts_posted = [c for c in api.calls_of("chat.postMessage") if c.params["channel"] == "#kh-alerts"]
+    assert len(alerts_posted) == 1
+    assert delivered(api) == 1  # each delivery counted in exactly one heartbeat
+    for beat in beats(api):
+        assert beat.text.startswith("censorwatch dispatcher alive at ") and "blocks" not in beat.params
+    assert REGISTRY.get_sample_value("censorwatch_dispatcher_last_delivery_timestamp_seconds", {"sink": "slack"})
+
+
+def test_reminders_repeat_in_the_thread_while_open_and_stop_once_resolved(kafka_settings: Settings) -> None:
+    with FakeSlackApi(TOKEN) as api:
+        alerts = {"retry_initial_seconds": 0.1, "retry_max_backoff_seconds": 0.5, "repeat_interval_seconds": 0.5}
+        s = make_settings(kafka_settings, slack=slack_cfg(api), console=False, alerts=alerts)
+        opened, resolved = life()[0], life()[-1]
+        produce(s, [opened])
+
+        def reminders(a: FakeSlackApi) -> list[Any]:
+            return [c for c in a.calls_of("chat.postMessage") if "Still ongoing" in c.text]
+
+        with running(Dispatcher(s)):
+            api.wait_for(lambda a: len(reminders(a)) >= 2)
+            produce(s, [resolved])
+            api.wait_for(lambda a: any("Unblocked" in c.text for c in a.calls_of("chat.postMessage")))
+            after_resolution = len(reminders(api))
+            # Three repeat intervals with the event resolved: at most one reminder that was already in flight.
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(reminders(api)) <= after_resolution + 1
+    root_ts = next(iter(api.messages))[1]
+    assert all(r.params.get("thread_ts") == root_ts for r in reminders(api))
+    assert len(api.calls_of("chat.update")) == 1  # reminders reply in the thread; only the resolution edits the root
