@@ -8,10 +8,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from censorwatch.config import DetectionSettings, WatchWindow
 from censorwatch.models import Event, EventAction, EventKind, Measurement
 from streams.detection import DetectionContext, Engine, StepResult, Window, apply_changes, run_offline, wilson
+from streams.detection.core import ANOMALY, CONFIRMED, FAILURE, OK
 from streams.detection.stats import cusum_up
 
 T0 = datetime(2023, 7, 1, tzinfo=UTC)
@@ -241,3 +244,55 @@ def test_step_by_step_equals_offline_and_is_deterministic() -> None:
     assert [e.to_bytes() for e in live] == [e.to_bytes() for e in offline]
     _, again, _ = run(ms)
     assert [e.to_bytes() for e in again] == [e.to_bytes() for e in offline]
+
+
+def _reference_evidence(cfg: DetectionSettings, obs: list[list[Any]], latest: float, after: float) -> dict[str, Any]:
+    """The evidence rules written plainly (separate passes, ``stats.cusum_up``): the engine's one-pass version
+    must agree with it on every input."""
+    window = [o for o in obs if o[0] >= latest - cfg.window_hours * 3600 and o[0] > after]
+    valid = [o for o in window if o[1] != FAILURE]
+    bad = [o for o in valid if o[1] in (ANOMALY, CONFIRMED)]
+    low, high = wilson(len(bad), len(valid), cfg.confidence_z)
+    s, start = cusum_up((o[1] in (ANOMALY, CONFIRMED) for o in valid), cfg.cusum_p0, cfg.cusum_p1)
+    return {
+        "k": len(bad),
+        "n": len(valid),
+        "c": sum(1 for o in valid if o[1] == CONFIRMED),
+        "f": len(window) - len(valid),
+        "p": len({o[2] for o in valid}),
+        "lo": round(low, 4),
+        "hi": round(high, 4),
+        "s": round(s, 3),
+        "rp": len({o[2] for o in valid[start:] if o[1] in (ANOMALY, CONFIRMED)}),
+        "m": sorted({o[3] for o in bad if o[3]}),
+        "fs": float(bad[0][0]) if bad else None,
+        "ls": latest,
+        "u": [o[4] for o in bad[-3:] if not o[4].startswith("#")],
+    }
+
+
+_obs_entry = st.tuples(
+    st.integers(0, 400),  # hours
+    st.sampled_from([OK, ANOMALY, CONFIRMED, FAILURE]),
+    st.sampled_from(["p1", "p2", "p3"]),
+    st.sampled_from(["", "dns", "tcp_ip"]),
+    st.sampled_from(["uid1", "uid2", "#ab", "uid3"]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    entries=st.lists(_obs_entry, max_size=40),
+    after_h=st.one_of(st.just(0), st.integers(0, 400)),
+    p0=st.floats(0.01, 0.3),
+    p1=st.floats(0.35, 0.9),
+)
+def test_one_pass_evidence_equals_the_plain_rules(
+    entries: list[tuple[int, int, str, str, str]], after_h: int, p0: float, p1: float
+) -> None:
+    cfg = DetectionSettings(cusum_p0=p0, cusum_p1=p1)
+    rows = [[h * 3600.0, c, p, m if c in (ANOMALY, CONFIRMED) else "", u] for h, c, p, m, u in entries]
+    obs = sorted(rows, key=lambda o: (o[0], o[4]))
+    latest = obs[-1][0] if obs else 0.0
+    after = after_h * 3600.0
+    assert Engine(cfg)._evidence(obs, latest, after) == _reference_evidence(cfg, obs, latest, after)
