@@ -244,7 +244,7 @@ class Engine:
         latest = float(obs[-1][0])
         keep = max(cfg.window_hours, cfg.revision_window_hours) * 3600
         if obs[0][0] < latest - keep or len(obs) > MAX_OBS:
-            obs = [o for o in obs if o[0] >= latest - keep][-MAX_OBS:]
+            obs = obs[bisect_left(obs, latest - keep, key=_obs_time) :][-MAX_OBS:]
         series["o"] = obs
         series["f0"] = min(float(series.get("f0", t)), t)
         if outcome != FAILURE and t - float(country["t0"]) <= cfg.warmup_hours * 3600:  # warm-up history
@@ -265,7 +265,7 @@ class Engine:
         pobs = list(pooled["o"])
         cutoff = latest - cfg.pooled_window_hours * 3600
         if pobs and pobs[0][0] < cutoff:
-            pobs = [o for o in pobs if o[0] >= cutoff]
+            pobs = pobs[bisect_left(pobs, cutoff, key=_obs_time) :]
         if outcome != FAILURE:
             in_order = not pobs or pobs[-1][0] <= t_obs
             pobs.append([t_obs, outcome, probe, asn])
