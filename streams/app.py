@@ -33,7 +33,6 @@ from streams.detection import DetectionContext, Engine, StepResult
 log = logging.getLogger(__name__)
 
 TICK_FIELD = "__tick__"
-CHECKPOINT_KEY = "x|checkpoint"  # table key the agent writes after each batch on Tansu (see process_partition_batch)
 
 
 def tick_record(now: datetime) -> bytes:
@@ -190,9 +189,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         table_standby_replicas=0,
         stream_wait_empty=False,
         datadir=str(settings.state_dir / "faust"),
-        # State is written once per batch (~1.5 records per measurement): let them travel in large batches.
-        producer_linger_ms=5,
-        producer_max_batch_size=512 * 1024,
+        # Tansu reports a partition's high watermark as its last record batch's base offset + 1: table recovery
+        # would stop short of a multi-record batch and kafka-python readers (the dispatcher) can miss its tail
+        # until more arrives. One record per batch keeps it exact; it costs throughput, Kafka needs none of it.
+        producer_max_batch_size=1 if settings.broker_kind == "tansu" else 512 * 1024,
+        producer_linger_ms=0 if settings.broker_kind == "tansu" else 5,
     )
     measurements_topic = app.topic(
         topics.measurements,
@@ -290,13 +291,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
             else:
                 state[key] = value  # assign back: in-place mutation never reaches the changelog
             open_events.track(key, value)
-        if settings.broker_kind == "tansu" and view.pending:
-            # Tansu reports a partition's high watermark as its last record batch's base offset + 1, and table
-            # recovery reads the changelog only that far. Ending every batch's writes with a checkpoint record in
-            # a batch of its own keeps the watermark exact while the state itself is written in large batches.
-            await app.producer.flush()
-            state[CHECKPOINT_KEY] = batch[-1].message.offset
-            await app.producer.flush()
         open_events.publish()
         for ev, m in outgoing:
             await events_topic.send(key=ev.event_id.encode(), value=ev.to_bytes())
