@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from censorwatch.metrics_common import DEADLETTER_TOTAL as DEADLETTER_TOTAL
 from censorwatch.metrics_common import CONSUMER_LAG as CONSUMER_LAG
+from censorwatch.metrics_common import DEADLETTER_TOTAL as DEADLETTER_TOTAL
 
 OUTCOMES = ("sent", "failed", "duplicate", "silenced", "inhibited", "deadlettered")
 SINKS = ("console", "slack", "email")

@@ -36,6 +36,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -290,6 +292,7 @@ def bench_offline(scale: float) -> dict[str, float]:
         "measurements": n,
         "events": events,
         "state_keys": len(state),
+        "state_json_mib": sum(len(k) + len(orjson.dumps(v)) for k, v in state.items()) / 2**20,
         "engine_seconds": engine_s,
         "wall_seconds_with_generation": wall_s,
         "rate": n / engine_s,
@@ -392,26 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"scale: {args.scale:g}  (all data SIMULATED, seeded)")
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="censorwatch-bench-")))
-        broker: EmbeddedBroker | None = None
-        if {"throughput", "latency"} & set(parts):
-            broker = EmbeddedBroker(free_port(), workdir / "broker.log").start()
-            stack.callback(broker.stop)
-        if "throughput" in parts:
-            assert broker is not None
-            n = max(1000, int(50_000 * args.scale))
-            r = bench_throughput(broker.bootstrap, workdir / "tp", n)
-            print(f"\n(a) throughput, {r['measurements']:.0f} simulated measurements, 1 partition, embedded Tansu")
-            print(f"  produce (kafka-python, batched):  {r['produce_rate']:10.0f} msg/s")
-            print(f"  raw consume (kafka-python):       {r['raw_consume_rate']:10.0f} msg/s")
-            for kind, how in (("tansu", "as embedded: 1 record/batch"), ("kafka", "as on Kafka: batched writes")):
-                print(
-                    f"  end-to-end, {how:28s} {r[f'end_to_end_rate_{kind}']:8.0f} msg/s   "
-                    f"= {r[f'ratio_{kind}']:.1%} of raw (target >= 50 %)"
-                )
         if "offline" in parts:
             r = bench_offline(args.scale)
             print(
-                f"\n(b) offline engine, SIMULATED year: {r['measurements']:.0f} measurements, {TARGETS} targets, "
+                f"\n(1) offline engine, SIMULATED year: {r['measurements']:.0f} measurements, {TARGETS} targets, "
                 f"{ASNS} ASNs (single thread)"
             )
             print(
@@ -421,14 +408,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  with generation:    {r['wall_seconds_with_generation']:8.1f} s")
             print(f"  events emitted:     {r['events']:8.0f}   state keys: {r['state_keys']:.0f}")
             print(
-                f"  peak RSS:           {r['peak_rss_mib']:8.0f} MiB (growth during the run "
-                f"{r['rss_growth_mib']:.0f} MiB)"
+                f"  peak RSS:           {r['peak_rss_mib']:8.0f} MiB (process; grew "
+                f"{r['rss_growth_mib']:.0f} MiB during the run)"
             )
+            print(f"  state as JSON:      {r['state_json_mib']:8.0f} MiB (the changelog's live size)")
+        broker: EmbeddedBroker | None = None
+        if {"throughput", "latency"} & set(parts):
+            broker = EmbeddedBroker(free_port(), workdir / "broker.log").start()
+            stack.callback(broker.stop)
+        if "throughput" in parts:
+            assert broker is not None
+            n = max(1000, int(50_000 * args.scale))
+            r = bench_throughput(broker.bootstrap, workdir / "tp", n)
+            print(f"\n(2) throughput, {r['measurements']:.0f} simulated measurements, 1 partition, embedded Tansu")
+            print(f"  produce (kafka-python, batched):  {r['produce_rate']:10.0f} msg/s")
+            print(f"  raw consume (kafka-python):       {r['raw_consume_rate']:10.0f} msg/s")
+            for kind, how in (("tansu", "as embedded: 1 record/batch"), ("kafka", "as on Kafka: batched writes")):
+                print(
+                    f"  end-to-end, {how:28s} {r[f'end_to_end_rate_{kind}']:8.0f} msg/s   "
+                    f"= {r[f'ratio_{kind}']:.1%} of raw (target >= 50 %)"
+                )
         if "latency" in parts:
             assert broker is not None
             n = max(20, int(200 * args.scale))
             r = bench_latency(broker.bootstrap, workdir / "lat", n)
-            print(f"\n(c) latency, measurement produced -> Slack chat.postMessage, {r['notices']:.0f} notices")
+            print(f"\n(3) latency, measurement produced -> Slack chat.postMessage, {r['notices']:.0f} notices")
             print(f"  p50 {r['p50_s']:.3f} s   p99 {r['p99_s']:.3f} s   max {r['max_s']:.3f} s   (target p99 < 2 s)")
     return 0
 
