@@ -44,6 +44,50 @@ class DeadLetterRatioExceeded(RuntimeError):
     """Too much of the recent input is failing: stop loudly instead of dead-lettering everything."""
 
 
+MARKER = "x|committed|"  # + partition: the last source offset whose batch of state writes is complete
+
+
+def marker_key(partition: int) -> str:
+    return f"{MARKER}{partition}"
+
+
+class Committed(Mapping[str, Any]):
+    """The table as of the last complete batch of each partition.
+
+    A batch's state writes are several changelog records; a crash can persist some and not others, and the
+    batch is then processed again on a state that already holds part of it (a torn write: wrong notices).
+    So every value is written as an envelope ``{"~s": batch, "~q": partition, "~v": value, "~p": previous}``
+    and, after all of them, the partition's marker; a value whose batch is past its partition's marker is read
+    as its previous value. Effects are ordered: events are delivered first, then the state, then the marker.
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def resolve(self, raw: Any) -> Any:
+        if not (isinstance(raw, dict) and "~s" in raw):
+            return raw
+        done = self.table.get(marker_key(int(raw["~q"])))
+        return raw["~v"] if done is not None and int(raw["~s"]) <= int(done) else raw["~p"]
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.resolve(self.table.get(key))
+        if value is None or key.startswith(MARKER):
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        for key in list(self.table.keys()):
+            if not key.startswith(MARKER) and self.resolve(self.table.get(key)) is not None:
+                yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 class Overlay(Mapping[str, Any]):
     """Reads through pending in-batch changes to the table, so a batch sees its own writes."""
 
@@ -212,6 +256,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         value_type=None,  # not dict: recovery calls value_type.from_data(); None keeps plain JSON values
         partitions=settings.topic_partitions,
     )
+    committed = Committed(state)
     guard = DeadLetterGuard(settings.deadletter_max_ratio)
     fatal: list[DeadLetterRatioExceeded] = []  # set when the cap trips; the worker then exits non-zero
     open_events = OpenEvents(settings.countries)
@@ -257,9 +302,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
                 await asyncio.Event().wait()  # take no further batch; cancelled by the stop
 
     async def process_partition_batch(batch: list[Any]) -> list[Any]:
-        """Handle the records in order, store their state and send their events; return the records it did not
-        reach because the dead-letter cap tripped (empty otherwise)."""
-        view = Overlay(state)
+        """Handle the records in order, deliver their events, then store their state (see ``Committed``); return
+        the records it did not reach because the dead-letter cap tripped (empty otherwise)."""
+        view = Overlay(committed)
         outgoing: list[tuple[Event, Measurement | None]] = []
         unhandled: list[Any] = []
         for i, event in enumerate(batch):
@@ -284,19 +329,23 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
             publish_series(result)
             _count(result, m)
             outgoing += [(e, m) for e in result.events]
-        _current_event.set(weakref.ref(batch[-1]))
-        for key, value in view.pending.items():
-            if value is None:
-                state.pop(key, None)
-            else:
-                state[key] = value  # assign back: in-place mutation never reaches the changelog
-            open_events.track(key, value)
-        open_events.publish()
+        delivered = []
         for ev, m in outgoing:
-            await events_topic.send(key=ev.event_id.encode(), value=ev.to_bytes())
+            delivered.append(await events_topic.send(key=ev.event_id.encode(), value=ev.to_bytes()))
             metrics.EVENTS_EMITTED.labels(kind=ev.kind.value, action=ev.action.value).inc()
             if m is not None and m.fetched_at is not None:
                 metrics.PROCESSING_LATENCY.observe(max(0.0, (utcnow() - m.fetched_at).total_seconds()))
+        for fut in delivered:  # the notices are on the topic before the state says they were made
+            await fut
+        _current_event.set(weakref.ref(batch[-1]))
+        if view.pending:
+            last = batch[-1].message
+            for key, value in view.pending.items():
+                # assign back (in-place mutation never reaches the changelog), with the value it replaces
+                state[key] = {"~s": last.offset, "~q": last.partition, "~v": value, "~p": committed.get(key)}
+                open_events.track(key, value)
+            state[marker_key(last.partition)] = last.offset  # last: now this batch's values are the current ones
+        open_events.publish()
         return unhandled
 
     @app.timer(interval=60.0, on_leader=True)
@@ -307,9 +356,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
 
     @app.timer(interval=30.0)
     async def recount_open_events() -> None:
-        open_events.rescan(state)
+        open_events.rescan(committed)
 
-    app.censorwatch_state = state  # type: ignore[attr-defined]
+    app.censorwatch_state = committed  # type: ignore[attr-defined]
     app.censorwatch_fatal = fatal  # type: ignore[attr-defined]
     app.censorwatch_detect = detect  # type: ignore[attr-defined]
     return app

@@ -38,7 +38,7 @@ from censorwatch.models import (
 from streams.detection.context import DetectionContext
 from streams.detection.stats import cusum_up, llr_weights, wilson
 
-NETWORK_BUCKET_SECONDS = 4 * 3600  # a network counts its targets in 4-hour buckets (see _network)
+NETWORK_PRUNE_SECONDS = 3600.0  # how often an ASN's target list is pruned to the window (measurement time)
 MAX_OBS = 240  # observations kept per series: bounds a table value whatever the window and volume
 MAX_POOLED = 300  # observations kept per target across ASNs
 OK, ANOMALY, CONFIRMED, FAILURE = 0, 1, 2, 3
@@ -87,14 +87,6 @@ def outage_state_key(cc: str, asn: int) -> str:
 
 def gap_state_key(cc: str, asn: int) -> str:
     return f"e|{cc}|g|{asn}"
-
-
-def _bump(counts: dict[str, int], key: str, by: int) -> None:
-    value = counts.get(key, 0) + by
-    if value > 0:
-        counts[key] = value
-    else:
-        counts.pop(key, None)
 
 
 def _iso(ts: float) -> str:
@@ -255,7 +247,7 @@ class Engine:
         evidence = self._evidence(obs, latest, float(series.get("clr", 0.0)))
 
         # Network: is this target failing on this ASN? Many failing at once = outage (inhibits target alerts).
-        outage_changes, outage_events, outage_open = self._network(state, cc, asn, series, obs, latest, sim)
+        outage_changes, outage_events, outage_open = self._network(state, cc, asn, target, obs, latest, sim)
         changes.update(outage_changes)
         events += outage_events
 
@@ -600,51 +592,46 @@ class Engine:
         state: Mapping[str, Any],
         cc: str,
         asn: int,
-        series: dict[str, Any],
+        target: str,
         obs: list[list[Any]],
         now: float,
         sim: bool,
     ) -> tuple[dict[str, Any | None], list[Event], bool]:
-        """Count the targets measured and failing on an ASN in the window; open one outage event when most of
-        them fail at once.
+        """Track failing targets per ASN; open one outage event when most of them fail at once.
 
-        An ASN carries ~2,000 targets, so the network state holds no per-target list (copying and rewriting it
-        on every measurement was the engine's main cost): it holds counts of targets per 4-hour bucket of their
-        latest measurement, and each series remembers its own contribution (``nw``) to move it. Buckets are
-        whole, so a target can count up to 4 hours past the (week-long) window.
+        The state is one entry per target (time, failing) with the failing count beside it in the same value, so
+        replaying a measurement after a crash (some keys written, some not) converges instead of drifting: counts
+        kept apart from the entries they count (per-hour buckets) were faster but not idempotent.
         """
         cfg = self.cfg
         nkey = network_state_key(cc, asn)
+        net = state.get(nkey) or {"t": {}}
         horizon = now - cfg.window_hours * 3600
         recent = [o for o in obs[-3:] if o[0] >= horizon]  # obs is in time order: the filter keeps a suffix
         failing = 1 if len(recent) >= 2 and all(o[1] != OK for o in recent) else 0
-        net = state.get(nkey) or {}
-        seen: dict[str, int] = dict(net.get("seen") or {})
-        bad: dict[str, int] = dict(net.get("bad") or {})
-        n_recent, n_bad = int(net.get("ns", 0)), int(net.get("nb", 0))
-        previous = series.get("nw")
-        if previous and previous[0] in seen:  # an hour already pruned was already subtracted
-            _bump(seen, previous[0], -1)
-            n_recent -= 1
-            if previous[1] and previous[0] in bad:
-                _bump(bad, previous[0], -1)
-                n_bad -= 1
-        hour = str(int(now // NETWORK_BUCKET_SECONDS))
-        _bump(seen, hour, 1)
-        n_recent += 1
-        if failing:
-            _bump(bad, hour, 1)
-            n_bad += 1
-        series["nw"] = [hour, failing]
-        first = int(horizon // NETWORK_BUCKET_SECONDS)
-        if first > int(net.get("h0", 0)):  # once per bucket of measurement time: drop the buckets that left the window
-            for counts in (seen, bad):
-                for h in [h for h in counts if int(h) < first]:
-                    del counts[h]
-            n_recent, n_bad = sum(seen.values()), sum(bad.values())
-        changes: dict[str, Any | None] = {
-            nkey: {"seen": seen, "bad": bad, "ns": n_recent, "nb": n_bad, "h0": max(first, int(net.get("h0", 0)))}
-        }
+        # An ASN carries ~2,000 targets: copying, pruning and recounting them (and writing them to the changelog)
+        # on every measurement was the engine's main cost. A target's entry is refreshed only when its flag
+        # changes or it is NETWORK_PRUNE_SECONDS old, the list is pruned at most that often, and the failing
+        # count is kept incrementally: a target may count up to twice that long past the window.
+        every = min(NETWORK_PRUNE_SECONDS, cfg.window_hours * 3600)
+        pruned = float(net.get("pr", 0.0))
+        n_bad: int | None = net.get("bad")
+        previous = net["t"].get(target)
+        due = n_bad is None or not pruned <= now < pruned + every
+        changes: dict[str, Any | None] = {}
+        if due or previous is None or previous[1] != failing or not previous[0] <= now < previous[0] + every:
+            targets = dict(net["t"])  # copy-on-write (a C-level copy): the caller's state is never mutated
+            if due:
+                targets = {k: v for k, v in targets.items() if v[0] >= horizon}
+                pruned = now
+                n_bad = sum(v[1] for v in targets.values())
+                previous = targets.get(target)
+            n_bad = (n_bad or 0) + failing - (previous[1] if previous else 0)
+            targets[target] = [now, failing]
+            net = {"t": targets, "bad": n_bad, "pr": pruned}
+            changes[nkey] = net
+        n_recent = len(net["t"])
+        n_bad = n_bad or 0
         okey = outage_state_key(cc, asn)
         out = state.get(okey)
         is_open = bool(out and out.get("open"))
