@@ -23,14 +23,13 @@ import os
 import platform
 import random
 import resource
-import socket
 import statistics
 import sys
 import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,6 +44,9 @@ from censorwatch import bus  # noqa: E402
 from censorwatch.broker import EmbeddedBroker  # noqa: E402
 from censorwatch.config import Settings, load_settings  # noqa: E402
 from censorwatch.models import Measurement  # noqa: E402
+from tests.conftest import free_port  # noqa: E402 - the suite's helpers: the bench runs the same services
+from tests.services import Service  # noqa: E402
+from tests.services import wait_until as wait  # noqa: E402
 
 YEAR_MEASUREMENTS = 2_440_000
 TARGETS = 1_900
@@ -110,12 +112,6 @@ def simulated_year(scale: float = 1.0, seed: int = 2023, cc: str = "KH") -> Iter
 # helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def machine() -> dict[str, str]:
     cpu = "?"
     try:
@@ -151,21 +147,7 @@ def scrape_sum(port: int, prefix: str) -> float:
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(prefix))
 
 
-def wait(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def start_service(command: str, settings: Settings, workdir: Path) -> Any:
-    sys.path.insert(0, str(ROOT))
-    from tests.services import Service
-
+def start_service(command: str, settings: Settings, workdir: Path) -> Service:
     return Service([command], settings, workdir, name=command).start()
 
 
