@@ -79,6 +79,10 @@ def producer(settings: Settings, **overrides: Any) -> KafkaProducer:
         "request_timeout_ms": 30000,
         "max_block_ms": 60000,
     }
+    if settings.broker_kind == "tansu":
+        # Tansu reports a partition's high watermark as its last record batch's base offset + 1, and readers
+        # stop there: the tail of a multi-record batch stays invisible until more arrives. One record per batch.
+        config |= {"batch_size": 1, "linger_ms": 0}
     config.update(overrides)
     return KafkaProducer(**config)
 

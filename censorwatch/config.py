@@ -307,7 +307,8 @@ class Settings(BaseSettings):
     broker_kind: Literal["kafka", "tansu"] = Field(
         default="kafka",
         description="'tansu' (the embedded broker) works around its quirks: exact high watermarks need one "
-        "record per producer batch for table recovery, and topics use one partition",
+        "record per producer batch (for table recovery and for readers to see the last records), and topics "
+        "use one partition",
     )
 
     # OONI poller

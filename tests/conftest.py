@@ -57,6 +57,7 @@ def kafka_settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
     """Settings on the session broker with a topic prefix of their own, so tests never see each other's data."""
     return load_settings(
         kafka_bootstrap=broker.bootstrap,
+        broker_kind="tansu",  # what the embedded default runs: exact watermarks (see censorwatch/bus.py)
         topic_prefix=f"t{uuid.uuid4().hex[:10]}",
         topic_partitions=2,
         kafka_session_timeout_seconds=6.0,
