@@ -67,6 +67,16 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
         client.close()
 
 
+def one_record_per_batch(settings: Settings) -> bool:
+    """Whether every producer (kafka-python here, Faust's in the worker) must send one record per batch.
+
+    Tansu reports a partition's high watermark as its last record batch's base offset + 1: readers (kafka-python,
+    Faust's table recovery) stop there, so the tail of a multi-record batch stays invisible until more arrives.
+    One record per batch keeps the watermark exact; it costs throughput, and Kafka needs none of it.
+    """
+    return settings.broker_kind == "tansu"
+
+
 def producer(settings: Settings, **overrides: Any) -> KafkaProducer:
     """A durable producer: acks from all replicas, retries, idempotent keys chosen by the caller."""
     config: dict[str, Any] = {
@@ -79,9 +89,7 @@ def producer(settings: Settings, **overrides: Any) -> KafkaProducer:
         "request_timeout_ms": 30000,
         "max_block_ms": 60000,
     }
-    if settings.broker_kind == "tansu":
-        # Tansu reports a partition's high watermark as its last record batch's base offset + 1, and readers
-        # stop there: the tail of a multi-record batch stays invisible until more arrives. One record per batch.
+    if one_record_per_batch(settings):
         config |= {"batch_size": 1, "linger_ms": 0}
     config.update(overrides)
     return KafkaProducer(**config)

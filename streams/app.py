@@ -25,6 +25,7 @@ import orjson
 from faust.streams import _current_event  # private: see process_partition_batch
 from pydantic import ValidationError
 
+from censorwatch.bus import one_record_per_batch
 from censorwatch.config import Settings
 from censorwatch.models import DeadLetter, Event, Measurement, utcnow
 from streams import metrics
@@ -233,11 +234,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         table_standby_replicas=0,
         stream_wait_empty=False,
         datadir=str(settings.state_dir / "faust"),
-        # Tansu reports a partition's high watermark as its last record batch's base offset + 1: table recovery
-        # would stop short of a multi-record batch and kafka-python readers (the dispatcher) can miss its tail
-        # until more arrives. One record per batch keeps it exact; it costs throughput, Kafka needs none of it.
-        producer_max_batch_size=1 if settings.broker_kind == "tansu" else 512 * 1024,
-        producer_linger_ms=0 if settings.broker_kind == "tansu" else 5,
+        producer_max_batch_size=1 if one_record_per_batch(settings) else 512 * 1024,
+        producer_linger_ms=0 if one_record_per_batch(settings) else 5,
     )
     measurements_topic = app.topic(
         topics.measurements,
