@@ -296,3 +296,49 @@ def test_one_pass_evidence_equals_the_plain_rules(
     latest = obs[-1][0] if obs else 0.0
     after = after_h * 3600.0
     assert Engine(cfg)._evidence(obs, latest, after) == _reference_evidence(cfg, obs, latest, after)
+
+
+def _network_entries(state: dict[str, Any], cc: str, asn: int) -> dict[str, list[Any]]:
+    prefix = f"n|{cc}|{asn}|"
+    return {t: v for k, shard in state.items() if k.startswith(prefix) for t, v in shard["t"].items()}
+
+
+def test_network_entries_are_sharded_counted_and_pruned() -> None:
+    """An ASN's per-target entries are spread over shard keys; the summary's counts always equal the entries."""
+    targets = [f"site{i}.example" for i in range(60)]
+    ms = [msm(h + 0.001 * i, target=t, failure=i % 3 == 0) for h in range(0, 48, 6) for i, t in enumerate(targets)]
+    state, _, _ = run(ms)
+    summary = state["n|KH|38623"]
+    entries = _network_entries(state, "KH", 38623)
+    assert len([k for k in state if k.startswith("n|KH|38623|")]) > 10  # spread, not one big value
+    assert set(entries) == set(targets)
+    assert sum(summary["n"]) == len(entries)
+    assert sum(summary["b"]) == sum(v[1] for v in entries.values()) == 20  # every third target keeps failing
+    # A week and more later only one target is still measured: the others leave the window.
+    state, _, _ = run([*ms, *clean(range(48 + 24 * 8, 48 + 24 * 9), target="site1.example")])
+    entries = _network_entries(state, "KH", 38623)
+    assert set(entries) == {"site1.example"}
+    assert state["n|KH|38623"]["n"].count(0) == len(state["n|KH|38623"]["n"]) - 1
+    assert sum(state["n|KH|38623"]["b"]) == 0
+
+
+def test_network_state_of_the_unsharded_layout_is_taken_over() -> None:
+    """State written before the shards (one ``n|CC|ASN`` value with every entry) continues as if sharded."""
+    targets = [f"site{i}.example" for i in range(8)]
+    before = [msm(h, target=t) for h in range(0, 20, 2) for t in targets]
+    after = [msm(h + 0.01 * i, target=t, failure=True) for h in range(20, 30) for i, t in enumerate(targets)]
+    engine = Engine(DetectionSettings())
+    state, _, _ = run(before)
+    legacy = {k: v for k, v in state.items() if not k.startswith("n|KH|38623")}
+    entries = _network_entries(state, "KH", 38623)
+    legacy["n|KH|38623"] = {"t": entries, "bad": sum(v[1] for v in entries.values()), "pr": 0.0}
+    events: dict[str, list[Event]] = {"sharded": [], "legacy": []}
+    for name, st_ in (("sharded", state), ("legacy", legacy)):
+        for m in after:
+            result = engine.step(st_, m)
+            apply_changes(st_, result.changes)
+            events[name] += result.events
+    assert [e.to_bytes() for e in events["legacy"]] == [e.to_bytes() for e in events["sharded"]]
+    assert any(e.kind == EventKind.NETWORK_OUTAGE for e in events["legacy"])
+    assert _network_entries(legacy, "KH", 38623) == _network_entries(state, "KH", 38623)
+    assert "t" not in legacy["n|KH|38623"]

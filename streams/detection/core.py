@@ -4,7 +4,8 @@ State is a flat mapping of small JSON values, all of one country (the measuremen
 
 - ``c|CC``            country index: first and latest event time seen (watermark), last-seen time per ASN;
 - ``s|CC|ASN|TARGET`` one series: recent observations (time, outcome, probe, method, uid) and its state;
-- ``n|CC|ASN``        one network: how many targets on it were measured and are failing, per hour (outages);
+- ``n|CC|ASN``        one network: how many targets on it were measured and are failing, per shard (outages);
+- ``n|CC|ASN|SHARD``  those targets' entries (when last measured, failing or not), spread over 32 shards;
 - ``e|CC|t|TARGET``   the target event (one per site or app, across ASNs);
 - ``e|CC|n|ASN``      the network outage event; ``e|CC|g|ASN`` the coverage-gap event.
 
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import zlib
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from operator import itemgetter
 from typing import Any, Literal
 
 from censorwatch.config import DetectionSettings
@@ -39,6 +42,7 @@ from streams.detection.context import DetectionContext
 from streams.detection.stats import cusum_up, llr_weights, wilson
 
 NETWORK_PRUNE_SECONDS = 3600.0  # how often an ASN's target list is pruned to the window (measurement time)
+NETWORK_SHARDS = 32  # keys an ASN's per-target entries are spread over (~60 of ~1,900 targets each)
 MAX_OBS = 240  # observations kept per series: bounds a table value whatever the window and volume
 MAX_POOLED = 300  # observations kept per target across ASNs
 OK, ANOMALY, CONFIRMED, FAILURE = 0, 1, 2, 3
@@ -67,6 +71,16 @@ def series_state_key(cc: str, asn: int, target: str) -> str:
 
 def network_state_key(cc: str, asn: int) -> str:
     return f"n|{cc}|{asn}"
+
+
+def network_shard_key(cc: str, asn: int, shard: int) -> str:
+    return f"n|{cc}|{asn}|{shard}"
+
+
+@lru_cache(maxsize=65536)
+def network_shard(target: str) -> int:
+    """The shard of a target's network entry: stable across processes (``hash()`` of a str is not)."""
+    return zlib.crc32(target.encode()) % NETWORK_SHARDS
 
 
 def pooled_state_key(cc: str, target: str) -> str:
@@ -100,7 +114,12 @@ def _dt(ts: float) -> datetime:
 def _probe(m: Measurement) -> str:
     """Probe-run identity, hashed short. An empty report_id (e.g. pipeline-v5 exports) counts the measurement
     as its own probe run: the probe floor then degrades to the measurement floor, which is the honest reading."""
-    ident = m.report_id or f"uid:{m.uid}"
+    return _probe_id(m.report_id or f"uid:{m.uid}")
+
+
+@lru_cache(maxsize=4096)
+def _probe_id(ident: str) -> str:
+    """Cached: a probe run's ~100 measurements arrive together."""
     return hashlib.blake2b(ident.encode(), digest_size=6).hexdigest()
 
 
@@ -109,8 +128,7 @@ def is_simulated(m: Measurement) -> bool:
     return m.simulated
 
 
-def _obs_time(o: list[Any]) -> float:
-    return float(o[0])
+_obs_time = itemgetter(0)  # an observation's time (a C-level key for bisect and sort: called per probe)
 
 
 @lru_cache(maxsize=4096)
@@ -161,6 +179,7 @@ class Engine:
             series_state_key(m.cc, m.asn, m.target),
             pooled_state_key(m.cc, m.target),
             network_state_key(m.cc, m.asn),
+            *(network_shard_key(m.cc, m.asn, i) for i in range(NETWORK_SHARDS)),  # all only when pruning
             event_state_key(m.cc, m.target),
             outage_state_key(m.cc, m.asn),
             gap_state_key(m.cc, m.asn),
@@ -599,39 +618,68 @@ class Engine:
     ) -> tuple[dict[str, Any | None], list[Event], bool]:
         """Track failing targets per ASN; open one outage event when most of them fail at once.
 
-        The state is one entry per target (time, failing) with the failing count beside it in the same value, so
-        replaying a measurement after a crash (some keys written, some not) converges instead of drifting: counts
-        kept apart from the entries they count (per-hour buckets) were faster but not idempotent.
+        An ASN carries ~2,000 targets. Their entries (time, failing) are spread over ``NETWORK_SHARDS`` keys so a
+        change copies (and writes to the changelog) one small shard, not the whole list; the per-ASN summary
+        holds each shard's size and failing count. A target's entry is refreshed only when its flag changes or it
+        is ``NETWORK_PRUNE_SECONDS`` old, and all shards are pruned to the window at most that often, so a target
+        can count up to twice that long past the window. Counts live beside their entries' shard sizes and are
+        recomputed from the entries at every prune; a step's writes are applied together (offline) or as one
+        batch (the worker's ``Committed`` view), so replaying a measurement after a crash converges.
         """
         cfg = self.cfg
         nkey = network_state_key(cc, asn)
-        net = state.get(nkey) or {"t": {}}
         horizon = now - cfg.window_hours * 3600
         recent = [o for o in obs[-3:] if o[0] >= horizon]  # obs is in time order: the filter keeps a suffix
         failing = 1 if len(recent) >= 2 and all(o[1] != OK for o in recent) else 0
-        # An ASN carries ~2,000 targets: copying, pruning and recounting them (and writing them to the changelog)
-        # on every measurement was the engine's main cost. A target's entry is refreshed only when its flag
-        # changes or it is NETWORK_PRUNE_SECONDS old, the list is pruned at most that often, and the failing
-        # count is kept incrementally: a target may count up to twice that long past the window.
         every = min(NETWORK_PRUNE_SECONDS, cfg.window_hours * 3600)
-        pruned = float(net.get("pr", 0.0))
-        n_bad: int | None = net.get("bad")
-        previous = net["t"].get(target)
-        due = n_bad is None or not pruned <= now < pruned + every
+        summary = state.get(nkey)
+        mine = network_shard(target)
         changes: dict[str, Any | None] = {}
-        if due or previous is None or previous[1] != failing or not previous[0] <= now < previous[0] + every:
-            targets = dict(net["t"])  # copy-on-write (a C-level copy): the caller's state is never mutated
-            if due:
-                targets = {k: v for k, v in targets.items() if v[0] >= horizon}
-                pruned = now
-                n_bad = sum(v[1] for v in targets.values())
-                previous = targets.get(target)
-            n_bad = (n_bad or 0) + failing - (previous[1] if previous else 0)
+        targets: dict[str, list[Any]] | None = None
+        if summary is None or "t" in summary or not summary["pr"] <= now < summary["pr"] + every:
+            # Due (hourly in measurement time): prune the shards holding entries older than the window (the
+            # summary keeps each shard's oldest entry time) and recount them from their entries. A summary
+            # holding "t" is the pre-shard layout: its entries are spread over the shards here.
+            legacy: dict[str, list[Any]] = dict(summary.get("t") or {}) if summary else {}
+            prior = summary if summary is not None and not legacy else None
+            sizes = list(prior["n"]) if prior else [0] * NETWORK_SHARDS
+            bad = list(prior["b"]) if prior else [0] * NETWORK_SHARDS
+            oldest = list(prior["o"]) if prior else [0.0] * NETWORK_SHARDS
+            for i in range(NETWORK_SHARDS):
+                if prior and oldest[i] >= horizon:
+                    continue
+                skey = network_shard_key(cc, asn, i)
+                old = state.get(skey)
+                entries = {k: v for k, v in (old["t"] if old else {}).items() if v[0] >= horizon}
+                for k, v in legacy.items():
+                    if network_shard(k) == i and v[0] >= horizon:
+                        entries.setdefault(k, v)
+                if (old is not None and len(entries) != len(old["t"])) or (legacy and entries):
+                    changes[skey] = {"t": entries} if entries else None
+                sizes[i], bad[i] = len(entries), sum(v[1] for v in entries.values())
+                oldest[i] = min(entries.values())[0] if entries else now
+                if i == mine:
+                    targets = entries
+            summary = {"pr": now, "n": sizes, "b": bad, "o": oldest}
+            changes[nkey] = summary
+        if targets is None:
+            shard = state.get(network_shard_key(cc, asn, mine))
+            targets = shard["t"] if shard else {}
+        previous = targets.get(target)
+        if previous is None or previous[1] != failing or not previous[0] <= now < previous[0] + every:
+            targets = dict(targets)  # copy-on-write (a C-level copy): the caller's state is never mutated
             targets[target] = [now, failing]
-            net = {"t": targets, "bad": n_bad, "pr": pruned}
-            changes[nkey] = net
-        n_recent = len(net["t"])
-        n_bad = n_bad or 0
+            sizes, bad, oldest = list(summary["n"]), list(summary["b"]), list(summary["o"])
+            sizes[mine] = len(targets)
+            bad[mine] += failing - (previous[1] if previous else 0)
+            if previous is not None and previous[0] <= oldest[mine]:  # the oldest entry moved: find the next
+                oldest[mine] = min(v[0] for v in targets.values())
+            else:  # a lower bound is enough (it only decides whether a prune must look at the shard)
+                oldest[mine] = min(oldest[mine], now)
+            summary = {"pr": summary["pr"], "n": sizes, "b": bad, "o": oldest}
+            changes[network_shard_key(cc, asn, mine)] = {"t": targets}
+            changes[nkey] = summary
+        n_recent, n_bad = sum(summary["n"]), sum(summary["b"])
         okey = outage_state_key(cc, asn)
         out = state.get(okey)
         is_open = bool(out and out.get("open"))
