@@ -68,11 +68,12 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
 
 
 def one_record_per_batch(settings: Settings) -> bool:
-    """Whether every producer (kafka-python here, Faust's in the worker) must send one record per batch.
+    """Whether the broker needs each record a reader must see to end a produced batch (kafka-python producers
+    here send one record per batch; the worker flushes at those points, see ``streams.app``'s ``settle``).
 
     Tansu reports a partition's high watermark as its last record batch's base offset + 1: readers (kafka-python,
     Faust's table recovery) stop there, so the tail of a multi-record batch stays invisible until more arrives.
-    One record per batch keeps the watermark exact; it costs throughput, and Kafka needs none of it.
+    Keeping the watermark exact costs throughput, and Kafka needs none of it.
     """
     return settings.broker_kind == "tansu"
 

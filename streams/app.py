@@ -90,26 +90,42 @@ class Committed(Mapping[str, Any]):
 
 
 class Overlay(Mapping[str, Any]):
-    """Reads through pending in-batch changes to the table, so a batch sees its own writes."""
+    """Reads through pending in-batch changes to the table, so a batch sees its own writes.
+
+    Table reads are cached for the batch (the table does not change until the batch's writes): the country,
+    network and event entries are read by most measurements of a batch, and each table read resolves an envelope.
+    """
 
     def __init__(self, table: Mapping[str, Any]) -> None:
         self.table = table
         self.pending: dict[str, Any | None] = {}
+        self.cache: dict[str, Any | None] = {}
+
+    def base(self, key: str) -> Any | None:
+        """The table's value (None when absent), ignoring this batch's pending changes."""
+        try:
+            return self.cache[key]
+        except KeyError:
+            value = self.cache[key] = self.table.get(key)
+            return value
+
+    def _read(self, key: str) -> Any | None:
+        if key in self.pending:
+            return self.pending[key]
+        return self.base(key)
 
     def __getitem__(self, key: str) -> Any:
-        if key in self.pending:
-            value = self.pending[key]
-            if value is None:
-                raise KeyError(key)
-            return value
-        if key in self.table:
-            return self.table[key]
-        raise KeyError(key)
+        value = self._read(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self._read(key)
+        return default if value is None else value
 
     def __contains__(self, key: object) -> bool:
-        if key in self.pending:
-            return self.pending[key] is not None
-        return key in self.table
+        return isinstance(key, str) and self._read(key) is not None
 
     def __iter__(self) -> Iterator[str]:
         seen = set()
@@ -234,9 +250,24 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         table_standby_replicas=0,
         stream_wait_empty=False,
         datadir=str(settings.state_dir / "faust"),
-        producer_max_batch_size=1 if one_record_per_batch(settings) else 512 * 1024,
-        producer_linger_ms=0 if one_record_per_batch(settings) else 5,
+        # State is written once per batch (~2-3 records per measurement): let them travel in large batches.
+        # On Tansu, ``settle`` ends each batch a reader must see whole (see there).
+        producer_max_batch_size=512 * 1024,
+        producer_linger_ms=5,
     )
+    exact_watermarks = one_record_per_batch(settings)
+
+    async def settle() -> None:
+        """On Tansu, end what was sent so far as a produced batch of its own.
+
+        Tansu reports a partition's high watermark as its last batch's base offset + 1, and readers (the
+        dispatcher, table recovery, this agent reading ticks) stop there. So a notice, a dead letter or a tick
+        is flushed alone, and a batch's state writes are flushed before the marker, which is then flushed
+        alone: the watermark is exact where it matters and the state still travels in large batches.
+        """
+        if exact_watermarks:
+            await app.producer.flush()
+
     measurements_topic = app.topic(
         topics.measurements,
         key_type=bytes,
@@ -267,6 +298,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
             "worker", reason, raw, key=key.decode("utf-8", "replace") if key else None, source=source
         )
         await deadletter_topic.send(key=key, value=letter.to_bytes())
+        await settle()
         metrics.DEADLETTER_TOTAL.labels(stage="worker").inc()
         log.warning("dead-lettered %s: %s", source, reason)
 
@@ -330,6 +362,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         delivered = []
         for ev, m in outgoing:
             delivered.append(await events_topic.send(key=ev.event_id.encode(), value=ev.to_bytes()))
+            await settle()
             metrics.EVENTS_EMITTED.labels(kind=ev.kind.value, action=ev.action.value).inc()
             if m is not None and m.fetched_at is not None:
                 metrics.PROCESSING_LATENCY.observe(max(0.0, (utcnow() - m.fetched_at).total_seconds()))
@@ -340,9 +373,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
             last = batch[-1].message
             for key, value in view.pending.items():
                 # assign back (in-place mutation never reaches the changelog), with the value it replaces
-                state[key] = {"~s": last.offset, "~q": last.partition, "~v": value, "~p": committed.get(key)}
+                state[key] = {"~s": last.offset, "~q": last.partition, "~v": value, "~p": view.base(key)}
                 open_events.track(key, value)
+            await settle()
             state[marker_key(last.partition)] = last.offset  # last: now this batch's values are the current ones
+            await settle()
         open_events.publish()
         return unhandled
 
@@ -351,6 +386,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         now = datetime.now(UTC)
         for cc in settings.countries:
             await measurements_topic.send(key=cc.encode(), value=tick_record(now))
+            await settle()
 
     @app.timer(interval=30.0)
     async def recount_open_events() -> None:
