@@ -160,6 +160,8 @@ class Engine:
     def __init__(self, settings: DetectionSettings, context: DetectionContext | None = None) -> None:
         self.cfg = settings
         self.ctx = context or DetectionContext()
+        self._prune_every = min(NETWORK_PRUNE_SECONDS, settings.window_hours * 3600)
+        self._llr = llr_weights(settings.cusum_p0, settings.cusum_p1)
 
     # ----------------------------------------------------------------------------------------------- helpers
     def event_time(self, m: Measurement) -> float:
@@ -298,12 +300,12 @@ class Engine:
         changes[skey] = series
 
         # Target event: grows and shrinks with the ASNs whose series are blocked.
-        asn_ev = self._asn_evidence(evidence, series)
         if after == BLOCKED and before != BLOCKED:
-            ev, notice = self._join(ev, m, series, asn_ev, t, sim)
+            ev, notice = self._join(ev, m, series, self._asn_evidence(evidence, series), t, sim)
             changes[ekey] = ev
             events.append(notice)
         elif after == BLOCKED and ev and ev.get("open") and str(asn) in ev["a"]:
+            asn_ev = self._asn_evidence(evidence, series)
             ev = dict(ev)
             old_methods = list(ev["m"])
             ev["a"] = {**ev["a"], str(asn): asn_ev}
@@ -412,7 +414,7 @@ class Engine:
         """
         cfg = self.cfg
         since = max(latest - cfg.window_hours * 3600, math.nextafter(after, math.inf))
-        up, down = llr_weights(cfg.cusum_p0, cfg.cusum_p1)
+        up, down = self._llr
         # One pass, CUSUM inlined (``stats.cusum_up`` is the reference; a test keeps them equal): this runs for
         # every measurement and was a third of the engine's time as separate passes.
         k = n = failures = confirmed = 0
@@ -458,7 +460,7 @@ class Engine:
             "m": sorted(methods),
             "fs": first_bad,
             "ls": latest,
-            "u": [u for u in bad_uids[-LINKS_PER_ASN:] if not u.startswith("#")],
+            "u": [u for u in bad_uids[-LINKS_PER_ASN:] if not u.startswith("#")] if bad_uids else [],
         }
 
     def _decide(
@@ -476,7 +478,7 @@ class Engine:
         or join an event other ISPs already opened on a smaller majority; clear only when the last
         ``clear_after_hours`` are clean with enough evidence (hysteresis in value and in time)."""
         cfg = self.cfg
-        sens = self._sensitivity(cc, target, now)
+        sens = self._sensitivity(cc, target, now) if self.ctx.windows else 1.0
         min_n = max(1, math.ceil(cfg.min_measurements / sens))
         floor = e["n"] >= min_n and e["p"] >= cfg.min_probes
         before = series["st"]
@@ -629,9 +631,12 @@ class Engine:
         cfg = self.cfg
         nkey = network_state_key(cc, asn)
         horizon = now - cfg.window_hours * 3600
-        recent = [o for o in obs[-3:] if o[0] >= horizon]  # obs is in time order: the filter keeps a suffix
-        failing = 1 if len(recent) >= 2 and all(o[1] != OK for o in recent) else 0
-        every = min(NETWORK_PRUNE_SECONDS, cfg.window_hours * 3600)
+        # Failing: its last (up to 3) measurements in the window are all non-ok, and there are at least 2.
+        # obs is in time order, so those in the window are a suffix (written out: this runs for every measurement).
+        failing = 0
+        if len(obs) >= 2 and obs[-2][0] >= horizon and obs[-1][1] != OK and obs[-2][1] != OK:
+            failing = 0 if len(obs) >= 3 and obs[-3][0] >= horizon and obs[-3][1] == OK else 1
+        every = self._prune_every
         summary = state.get(nkey)
         mine = network_shard(target)
         changes: dict[str, Any | None] = {}
@@ -674,8 +679,8 @@ class Engine:
             bad[mine] += failing - (previous[1] if previous else 0)
             if previous is not None and previous[0] <= oldest[mine]:  # the oldest entry moved: find the next
                 oldest[mine] = min(v[0] for v in targets.values())
-            else:  # a lower bound is enough (it only decides whether a prune must look at the shard)
-                oldest[mine] = min(oldest[mine], now)
+            elif now < oldest[mine]:  # a lower bound is enough (it only decides whether a prune looks at it)
+                oldest[mine] = now
             summary = {"pr": summary["pr"], "n": sizes, "b": bad, "o": oldest}
             changes[network_shard_key(cc, asn, mine)] = {"t": targets}
             changes[nkey] = summary

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 
 
+@lru_cache(maxsize=65536)  # k and n are small counts, asked for every measurement
 def wilson(k: int, n: int, z: float) -> tuple[float, float]:
     """Wilson score interval for k successes in n trials: honest at small n, unlike k/n ± normal error."""
     if n <= 0:
