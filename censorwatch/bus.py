@@ -113,6 +113,34 @@ def consumer(settings: Settings, *topics: str, group_id: str | None, **overrides
     return KafkaConsumer(*topics, **config)
 
 
+def rewind_group(settings: Settings, group: str, topic: str, offsets: dict[int, int]) -> dict[int, int]:
+    """Move a stopped group's committed offsets back to ``offsets`` where they are past them (never forward).
+
+    Returns the offsets now committed for those partitions. Used by the worker before it restarts over records
+    that never reached it, whatever its framework committed on the way out.
+    """
+    from kafka.structs import OffsetAndMetadata
+
+    c = consumer(settings, group_id=group)
+    try:
+        tps = {p: TopicPartition(topic, p) for p in offsets}
+        c.assign(list(tps.values()))
+        now: dict[int, int] = {}
+        rewind = {}
+        for p, tp in tps.items():
+            committed = c.committed(tp)
+            if committed is None or committed > offsets[p]:
+                rewind[tp] = OffsetAndMetadata(offsets[p], "", -1)
+                now[p] = offsets[p]
+            else:
+                now[p] = committed
+        if rewind:
+            c.commit(rewind)
+        return now
+    finally:
+        c.close()
+
+
 def read_compacted(settings: Settings, topic: str, timeout: float = 30.0) -> dict[bytes, bytes | None]:
     """Latest value per key of a (compacted) topic, read from the beginning to the current end."""
     c = consumer(settings, group_id=None, consumer_timeout_ms=1000)

@@ -168,6 +168,28 @@ class DeadLetterGuard:
         return None
 
 
+class Continuity:
+    """Notices records of the measurement topic that never reached the agent.
+
+    The topic's offsets are contiguous (not compacted, no transactions), so a jump within one process means records
+    went missing upstream of the agent: Faust can drop records fetched just before a consumer-group rebalance and
+    then commit past them (seen on restarts, while the old member is still in the group), and a seek back is undone
+    by records already in its queues. ``check`` says ``ok`` (an offset at or below the expected one is a
+    redelivery, which the engine de-duplicates) or ``gap``; on a gap the agent acknowledges nothing from there on
+    and the worker restarts itself, resuming from the committed offset, which is before the gap.
+    """
+
+    def __init__(self) -> None:
+        self.expected: dict[int, int] = {}
+
+    def check(self, partition: int, offset: int) -> str:
+        expected = self.expected.get(partition)
+        if expected is not None and offset > expected:
+            return "gap"
+        self.expected[partition] = offset + 1
+        return "ok"
+
+
 def hold(events: list[Any]) -> None:
     """Keep events out of the commit: ``take_events`` acks its whole batch when the agent leaves it, and an
     already-acked message is skipped, so its offset is never marked safe to commit and it is consumed again."""
@@ -288,7 +310,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
     committed = Committed(state)
     guard = DeadLetterGuard(settings.deadletter_max_ratio)
     fatal: list[DeadLetterRatioExceeded] = []  # set when the cap trips; the worker then exits non-zero
+    restart: list[tuple[int, int, int]] = []  # (partition, first missing, first seen after): see Continuity
     open_events = OpenEvents(settings.countries)
+    continuity = Continuity()
     metrics.DEADLETTER_TOTAL.labels(stage="worker")  # exported at 0 from the start, as are the late kinds
     for kind in ("revised", "too_late"):
         metrics.LATE_MEASUREMENTS.labels(kind=kind)
@@ -320,14 +344,15 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
                 by_partition.setdefault(event.message.partition, []).append(event)
             unhandled: list[Any] = []
             for events in by_partition.values():
-                if unhandled:
+                if unhandled or restart:
                     unhandled += events
                     continue
                 unhandled = await process_partition_batch(events)
             _current_event.set(None)
-            if fatal:
+            if fatal or restart:
                 hold(unhandled)
-                log.critical("%s; %d record(s) left unacknowledged for the next start", fatal[0], len(unhandled))
+                why = fatal[0] if fatal else f"input went missing {restart}; restarting to read it again"
+                log.critical("%s; %d record(s) left unacknowledged for the next start", why, len(unhandled))
                 os.kill(os.getpid(), signal.SIGTERM)  # Faust's clean stop: flush, commit what was handled
                 await asyncio.Event().wait()  # take no further batch; cancelled by the stop
 
@@ -337,9 +362,18 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         view = Overlay(committed)
         outgoing: list[tuple[Event, Measurement | None]] = []
         unhandled: list[Any] = []
+        handled = len(batch)
         for i, event in enumerate(batch):
             raw: bytes = event.value
-            source = f"{event.message.topic}/{event.message.partition}@{event.message.offset}"
+            msg = event.message
+            source = f"{msg.topic}/{msg.partition}@{msg.offset}"
+            if continuity.check(msg.partition, msg.offset) == "gap":
+                first = continuity.expected[msg.partition]
+                restart.append((msg.partition, first, msg.offset))
+                metrics.INPUT_GAPS.inc()
+                unhandled = batch[i:]
+                handled = i
+                break
             try:
                 if raw.startswith(b'{"' + TICK_FIELD.encode()):
                     doc = orjson.loads(raw)
@@ -352,6 +386,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
                 if tripped is not None:
                     fatal.append(tripped)
                     unhandled = batch[i + 1 :]
+                    handled = i + 1
                     break
                 continue
             guard.record(False)
@@ -368,9 +403,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
                 metrics.PROCESSING_LATENCY.observe(max(0.0, (utcnow() - m.fetched_at).total_seconds()))
         for fut in delivered:  # the notices are on the topic before the state says they were made
             await fut
-        _current_event.set(weakref.ref(batch[-1]))
         if view.pending:
-            last = batch[-1].message
+            # The batch is named by its last handled offset: a crashed batch's records are all read again before
+            # any later batch's marker can pass it (see ``Committed``).
+            _current_event.set(weakref.ref(batch[handled - 1]))
+            last = batch[handled - 1].message
             for key, value in view.pending.items():
                 # assign back (in-place mutation never reaches the changelog), with the value it replaces
                 state[key] = {"~s": last.offset, "~q": last.partition, "~v": value, "~p": view.base(key)}
@@ -393,6 +430,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         open_events.rescan(committed)
 
     app.censorwatch_state = committed  # type: ignore[attr-defined]
+    app.censorwatch_restart = restart  # type: ignore[attr-defined]
     app.censorwatch_fatal = fatal  # type: ignore[attr-defined]
     app.censorwatch_detect = detect  # type: ignore[attr-defined]
     return app

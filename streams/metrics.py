@@ -29,6 +29,11 @@ LATE_MEASUREMENTS = Counter(
     "Measurements older than the watermark: 'revised' (inside the revision window) or 'too_late' (ignored).",
     ["kind"],
 )
+INPUT_GAPS = Counter(
+    "censorwatch_worker_input_gaps",
+    "Jumps in the measurement topic's offsets (records that never reached the agent); each restarts the worker, "
+    "which reads them again from the committed offset.",
+)
 EVENTS_EMITTED = Counter(
     "censorwatch_worker_events_emitted", "Event notices emitted to the events topic.", ["kind", "action"]
 )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 from prometheus_client import start_http_server
 
-from censorwatch.bus import ensure_topics
+from censorwatch.bus import ensure_topics, rewind_group
 from censorwatch.config import Settings
 
 log = logging.getLogger(__name__)
@@ -37,4 +39,16 @@ def run(settings: Settings) -> int:
     if fatal:
         log.critical("worker stopped: %s", fatal[0])
         return EXIT_DEADLETTER_CAP
+    restart = app.censorwatch_restart  # type: ignore[attr-defined]
+    if restart:
+        # Records never reached the agent (see streams.app.Continuity). Faust may have committed past them on the
+        # way out, so the group is moved back to the first missing offset, and a fresh process (same PID for
+        # supervisors: Faust's consumer cannot be restarted in place) reads them again from there.
+        first: dict[int, int] = {}
+        for partition, missing, _ in restart:
+            first[partition] = min(missing, first.get(partition, missing))
+        now = rewind_group(settings, f"{settings.topic_prefix}-worker", settings.topics.measurements, first)
+        log.warning("restarting the worker to read missing input again: %s (group now at %s)", restart, now)
+        logging.shutdown()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # noqa: S606 (our own command line)
     return 0

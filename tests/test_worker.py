@@ -109,3 +109,15 @@ def test_poison_records_are_dead_lettered_and_the_stream_goes_on(worker: Service
         "the valid record after the poison to be processed",
     )
     assert _metric(pipeline_settings, 'censorwatch_deadletter_total{stage="worker"}') >= 2
+
+
+def test_continuity_notices_records_that_never_reached_the_agent() -> None:
+    from streams.app import Continuity
+
+    c = Continuity()
+    assert [c.check(0, o) for o in (5, 6, 7)] == ["ok", "ok", "ok"]  # the first record sets the expectation
+    assert c.check(0, 10) == "gap" and c.expected[0] == 8  # 8 and 9 never arrived
+    assert c.check(0, 11) == "gap"  # nothing after a gap is taken (the worker restarts from the commit)
+    assert c.check(1, 3) == "ok"  # partitions are independent
+    assert [c.check(0, o) for o in (8, 9, 10)] == ["ok"] * 3
+    assert c.check(0, 6) == "ok" and c.expected[0] == 7  # a redelivery after a rebalance: de-duplicated downstream
