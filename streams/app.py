@@ -413,7 +413,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
                 state[key] = {"~s": last.offset, "~q": last.partition, "~v": value, "~p": view.base(key)}
                 open_events.track(key, value)
             await settle()
-            state[marker_key(last.partition)] = last.offset  # last: now this batch's values are the current ones
+            # Last: now this batch's values are the current ones. Never backwards: a batch replaying records that a
+            # previous run already marked (restart before its offsets were committed) must not hide that run's values.
+            done = state.get(marker_key(last.partition))
+            state[marker_key(last.partition)] = max(last.offset, int(done) if done is not None else -1)
             await settle()
         open_events.publish()
         return unhandled
