@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -189,6 +190,23 @@ def test_slack_429_retry_after_and_5xx_are_retried(kafka_settings: Settings) -> 
     assert [c.status for c in calls] == [429, 503, 503, 503, 200]
     assert calls[1].at - calls[0].at >= 1.0  # Retry-After honoured
     assert metric("slack", "failed") > failed
+
+
+def test_slack_rate_limited_for_a_minute_delivers_once_after_it(kafka_settings: Settings) -> None:
+    """Slack answers 429 for a minute (three times Retry-After 20): the notice waits, is not dead-lettered (the
+    sink's retry budget is 120 s), and is posted exactly once when Slack accepts it again."""
+    with FakeSlackApi(TOKEN) as api:
+        api.push(*[SlackFault.rate_limited(retry_after=20)] * 3)
+        s = make_settings(kafka_settings, slack=slack_cfg(api), console=False)
+        produce(s, life()[:1])
+        dead = metric("slack", "deadlettered")
+        with running(Dispatcher(s)):
+            api.wait_for(lambda a: len(a.calls_of("chat.postMessage")) == 1, timeout=120)
+    calls = api.calls_of("chat.postMessage", ok_only=False)
+    assert [c.status for c in calls] == [429, 429, 429, 200]
+    assert all(b.at - a.at >= 20.0 for a, b in pairwise(calls))  # Retry-After honoured
+    assert calls[-1].at - calls[0].at >= 60.0
+    assert metric("slack", "deadlettered") == dead
 
 
 def test_smtp_down_then_up_delivers_once(kafka_settings: Settings) -> None:
