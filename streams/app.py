@@ -365,7 +365,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
 
     async def process_partition_batch(batch: list[Any]) -> list[Any]:
         """Handle the records in order, deliver their events, then store their state (see ``Committed``); return
-        the records it did not reach because the dead-letter cap tripped (empty otherwise)."""
+        the records it did not handle because the dead-letter cap tripped or input went missing (see
+        ``Continuity``), empty otherwise."""
         view = Overlay(committed)
         outgoing: list[tuple[Event, Measurement | None]] = []
         unhandled: list[Any] = []
