@@ -182,13 +182,6 @@ class Continuity:
     def __init__(self) -> None:
         self.expected: dict[int, int] = {}
 
-    def keep_only(self, partitions: set[int]) -> None:
-        """After a rebalance: forget the partitions this worker no longer owns. One that comes back later starts
-        where another worker committed, which is not a gap (kept partitions keep their expectation: the drop
-        this guards against happens across rebalances that leave a partition where it was)."""
-        for partition in set(self.expected) - partitions:
-            del self.expected[partition]
-
     def check(self, partition: int, offset: int) -> str:
         expected = self.expected.get(partition)
         if expected is not None and offset > expected:
@@ -428,11 +421,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
             await settle()
         open_events.publish()
         return unhandled
-
-    @app.on_partitions_assigned.connect
-    async def forget_moved_partitions(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-        assigned: set[Any] = args[0] if args else kwargs.get("assigned", set())
-        continuity.keep_only({tp.partition for tp in assigned if tp.topic == topics.measurements})
 
     @app.timer(interval=60.0, on_leader=True)
     async def tick() -> None:
