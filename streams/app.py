@@ -16,13 +16,14 @@ import os
 import signal
 import weakref
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import faust
 import orjson
 from faust.streams import _current_event  # private: see process_partition_batch
+from faust.types import TP
 from pydantic import ValidationError
 
 from censorwatch.bus import one_record_per_batch
@@ -182,6 +183,19 @@ class Continuity:
     def __init__(self) -> None:
         self.expected: dict[int, int] = {}
 
+    def seeked(self, partition: int, committed: int | None) -> None:
+        """The consumer was positioned at the group's committed offset (at every assignment).
+
+        The next record must then be at or before it: without this, records dropped before a process's first one
+        went unnoticed (Faust's own check lets the first missing offset of an assignment through). An expectation
+        already past it stays (records this process handled, not yet committed); nothing committed yet (None or
+        0) leaves the start to the offset-reset policy.
+        """
+        if not committed or committed < 0:
+            return
+        current = self.expected.get(partition)
+        self.expected[partition] = committed if current is None else max(current, committed)
+
     def check(self, partition: int, offset: int) -> str:
         expected = self.expected.get(partition)
         if expected is not None and offset > expected:
@@ -250,12 +264,35 @@ class OpenEvents:
             metrics.EVENTS_OPEN.labels(kind=kind, cc=cc).set(counts.get((kind, cc), 0))
 
 
+class WorkerApp(faust.App):
+    """A Faust app that reports where its consumer was positioned at each assignment (see ``Continuity.seeked``).
+
+    Faust seeks every assigned partition to the group's committed offset after each rebalance and keeps the
+    offsets to itself; ``on_seek`` receives them (topic-partition -> committed offset, None when nothing is).
+    """
+
+    on_seek: Callable[[Mapping[Any, int | None]], None] | None = None
+
+    def _new_consumer(self) -> Any:
+        consumer: Any = super()._new_consumer()
+        seek = consumer.seek_to_committed
+
+        async def seek_to_committed() -> Mapping[Any, int | None]:
+            committed: Mapping[Any, int | None] = await seek()
+            if self.on_seek is not None:
+                self.on_seek(committed)
+            return committed
+
+        consumer.seek_to_committed = seek_to_committed
+        return consumer
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
     """Build the Faust app for these settings (one app per process)."""
     topics = settings.topics
     engine = engine or Engine(settings.detection, DetectionContext.from_settings(settings))
     session = int(settings.kafka_session_timeout_seconds)
-    app = faust.App(
+    app = WorkerApp(
         f"{settings.topic_prefix}-worker",
         broker=[f"kafka://{host.strip()}" for host in settings.bootstrap().split(",")],
         store="memory://",
@@ -313,6 +350,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
     restart: list[tuple[int, int, int]] = []  # (partition, first missing, first seen after): see Continuity
     open_events = OpenEvents(settings.countries)
     continuity = Continuity()
+
+    def on_seek(committed: Mapping[Any, int | None]) -> None:
+        for tp, offset in committed.items():
+            if tp.topic == topics.measurements:
+                continuity.seeked(tp.partition, offset)
+
+    app.on_seek = on_seek
     metrics.DEADLETTER_TOTAL.labels(stage="worker")  # exported at 0 from the start, as are the late kinds
     for kind in ("revised", "too_late"):
         metrics.LATE_MEASUREMENTS.labels(kind=kind)
@@ -325,6 +369,16 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         await settle()
         metrics.DEADLETTER_TOTAL.labels(stage="worker").inc()
         log.warning("dead-lettered %s: %s", source, reason)
+
+    async def expired(topic: str, partition: int, offset: int) -> bool:
+        """Whether the log now starts at or after ``offset``: the records before it no longer exist."""
+        tp = TP(topic, partition)
+        try:
+            start = (await app.consumer.earliest_offsets(tp)).get(tp)
+        except Exception:  # best effort: a restart reads them again if they still exist
+            log.warning("could not read where %s/%d starts", topic, partition, exc_info=True)
+            return False
+        return start is not None and start >= offset
 
     def handle(view: Overlay, raw: bytes) -> tuple[StepResult, Measurement | None]:
         doc = orjson.loads(raw)
@@ -370,11 +424,23 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
             source = f"{msg.topic}/{msg.partition}@{msg.offset}"
             if continuity.check(msg.partition, msg.offset) == "gap":
                 first = continuity.expected[msg.partition]
-                restart.append((msg.partition, first, msg.offset))
-                metrics.INPUT_GAPS.inc()
-                unhandled = batch[i:]
-                handled = i
-                break
+                if await expired(msg.topic, msg.partition, msg.offset):
+                    # Retention deleted them before they were read: reading again cannot bring them back.
+                    log.error(
+                        "records %s/%d@%d..%d were deleted before the worker read them; their evidence is lost",
+                        msg.topic,
+                        msg.partition,
+                        first,
+                        msg.offset - 1,
+                    )
+                    metrics.INPUT_EXPIRED.inc(msg.offset - first)
+                    continuity.expected[msg.partition] = msg.offset + 1
+                else:
+                    restart.append((msg.partition, first, msg.offset))
+                    metrics.INPUT_GAPS.inc()
+                    unhandled = batch[i:]
+                    handled = i
+                    break
             try:
                 if raw.startswith(b'{"' + TICK_FIELD.encode()):
                     doc = orjson.loads(raw)

@@ -34,6 +34,10 @@ INPUT_GAPS = Counter(
     "Jumps in the measurement topic's offsets (records that never reached the agent); each restarts the worker, "
     "which reads them again from the committed offset.",
 )
+INPUT_EXPIRED = Counter(
+    "censorwatch_worker_input_expired",
+    "Measurement records deleted by the topic's retention before the worker read them (their evidence is lost).",
+)
 EVENTS_EMITTED = Counter(
     "censorwatch_worker_events_emitted", "Event notices emitted to the events topic.", ["kind", "action"]
 )

@@ -260,6 +260,7 @@ DOCUMENTED_METRICS: dict[str, tuple[str, ...]] = {
     "censorwatch_worker_measurements_processed_total": ("cc", "outcome"),
     "censorwatch_worker_duplicates_total": (),
     "censorwatch_worker_input_gaps_total": (),
+    "censorwatch_worker_input_expired_total": (),
     "censorwatch_worker_late_measurements_total": ("kind",),
     "censorwatch_worker_events_emitted_total": ("kind", "action"),
     "censorwatch_worker_events_open": ("kind", "cc"),

@@ -121,3 +121,16 @@ def test_continuity_notices_records_that_never_reached_the_agent() -> None:
     assert c.check(1, 3) == "ok"  # partitions are independent
     assert [c.check(0, o) for o in (8, 9, 10)] == ["ok"] * 3
     assert c.check(0, 6) == "ok" and c.expected[0] == 7  # a redelivery after a rebalance: de-duplicated downstream
+
+    # At each assignment the consumer is positioned at the group's committed offset; the next record must be there.
+    fresh = Continuity()
+    fresh.seeked(0, 40)
+    assert fresh.check(0, 42) == "gap" and fresh.expected[0] == 40  # 40 and 41 were dropped before the first record
+    fresh.seeked(1, 40)
+    assert fresh.check(1, 40) == "ok"
+    fresh.seeked(1, 30)  # committed behind what this process handled: the redeliveries are fine, a jump is not
+    assert fresh.expected[1] == 41 and fresh.check(1, 35) == "ok" and fresh.check(1, 37) == "gap"
+    fresh.seeked(2, 90)  # another worker moved the partition on while it was away: no false gap
+    fresh.seeked(2, None)
+    fresh.seeked(3, 0)  # nothing committed: where to start is the offset-reset policy's choice
+    assert fresh.check(2, 90) == "ok" and fresh.check(3, 17) == "ok"
