@@ -203,6 +203,16 @@ class Continuity:
         self.expected[partition] = offset + 1
         return "ok"
 
+    def expire(self, partition: int, offset: int, log_start: int | None) -> int:
+        """After a gap before ``offset``: if the log now starts at or after it, the missing records were deleted
+        (retention) and reading again cannot bring them back. Take the record and return how many were lost;
+        otherwise (0) the gap stands and the worker reads them again."""
+        expected = self.expected.get(partition)
+        if expected is None or offset <= expected or log_start is None or log_start < offset:
+            return 0
+        self.expected[partition] = offset + 1
+        return offset - expected
+
 
 def hold(events: list[Any]) -> None:
     """Keep events out of the commit: ``take_events`` acks its whole batch when the agent leaves it, and an
@@ -370,15 +380,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         metrics.DEADLETTER_TOTAL.labels(stage="worker").inc()
         log.warning("dead-lettered %s: %s", source, reason)
 
-    async def expired(topic: str, partition: int, offset: int) -> bool:
-        """Whether the log now starts at or after ``offset``: the records before it no longer exist."""
+    async def log_start(topic: str, partition: int) -> int | None:
+        """The partition's first offset that still exists (None if it cannot be read now: the gap then stands)."""
         tp = TP(topic, partition)
         try:
-            start = (await app.consumer.earliest_offsets(tp)).get(tp)
+            return (await app.consumer.earliest_offsets(tp)).get(tp)
         except Exception:  # best effort: a restart reads them again if they still exist
             log.warning("could not read where %s/%d starts", topic, partition, exc_info=True)
-            return False
-        return start is not None and start >= offset
+            return None
 
     def handle(view: Overlay, raw: bytes) -> tuple[StepResult, Measurement | None]:
         doc = orjson.loads(raw)
@@ -424,8 +433,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
             source = f"{msg.topic}/{msg.partition}@{msg.offset}"
             if continuity.check(msg.partition, msg.offset) == "gap":
                 first = continuity.expected[msg.partition]
-                if await expired(msg.topic, msg.partition, msg.offset):
-                    # Retention deleted them before they were read: reading again cannot bring them back.
+                lost = continuity.expire(msg.partition, msg.offset, await log_start(msg.topic, msg.partition))
+                if lost:
                     log.error(
                         "records %s/%d@%d..%d were deleted before the worker read them; their evidence is lost",
                         msg.topic,
@@ -433,8 +442,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
                         first,
                         msg.offset - 1,
                     )
-                    metrics.INPUT_EXPIRED.inc(msg.offset - first)
-                    continuity.expected[msg.partition] = msg.offset + 1
+                    metrics.INPUT_EXPIRED.inc(lost)
                 else:
                     restart.append((msg.partition, first, msg.offset))
                     metrics.INPUT_GAPS.inc()

@@ -134,3 +134,12 @@ def test_continuity_notices_records_that_never_reached_the_agent() -> None:
     fresh.seeked(2, None)
     fresh.seeked(3, 0)  # nothing committed: where to start is the offset-reset policy's choice
     assert fresh.check(2, 90) == "ok" and fresh.check(3, 17) == "ok"
+
+    # Records that retention deleted before they were read cannot be read again: counted as lost, not restarted for.
+    gone = Continuity()
+    gone.seeked(0, 100)
+    assert gone.check(0, 130) == "gap"
+    assert gone.expire(0, 130, log_start=120) == 0  # 120..129 still exist: read them again
+    assert gone.expire(0, 130, log_start=None) == 0  # unknown: read again
+    assert gone.expire(0, 130, log_start=130) == 30 and gone.expected[0] == 131
+    assert gone.check(0, 131) == "ok"
