@@ -214,6 +214,28 @@ class Continuity:
         return offset - expected
 
 
+async def flush_producer(producer: Any, patience: float = 10.0) -> None:
+    """Flush Faust's producer for real: everything sent or written to a table so far is with the broker after it.
+
+    ``Producer.flush`` can return with table writes still queued: its buffer's flush gives up after 0.1 s without
+    progress (a busy loop, a full client buffer), and a write just taken from the buffer may still be on its way
+    to the Kafka client. So wait until the buffer is empty and its one sender is idle again (waiting on the
+    queue), then flush the client. Needs the default unthreaded producer; a stuck sender is logged after
+    ``patience`` seconds, and the flush then goes on (order is kept either way; only batch boundaries differ).
+    """
+    buffer = producer.buffer
+    pending: Any = buffer.pending  # an asyncio.Queue; ``_getters`` non-empty = its sender waits for more
+    deadline = asyncio.get_running_loop().time() + patience
+    while pending.qsize() or not pending._getters:
+        if asyncio.get_running_loop().time() > deadline:
+            log.warning("the producer's buffer did not drain in %.0f s (%d queued)", patience, pending.qsize())
+            break
+        await buffer.flush()
+        if not pending.qsize():
+            await asyncio.sleep(0.001)
+    await producer.flush()
+
+
 def hold(events: list[Any]) -> None:
     """Keep events out of the commit: ``take_events`` acks its whole batch when the agent leaves it, and an
     already-acked message is skipped, so its offset is never marked safe to commit and it is consumed again."""
@@ -335,7 +357,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         alone: the watermark is exact where it matters and the state still travels in large batches.
         """
         if exact_watermarks:
-            await app.producer.flush()
+            await flush_producer(app.producer)
 
     measurements_topic = app.topic(
         topics.measurements,

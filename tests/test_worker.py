@@ -143,3 +143,49 @@ def test_continuity_notices_records_that_never_reached_the_agent() -> None:
     assert gone.expire(0, 130, log_start=None) == 0  # unknown: read again
     assert gone.expire(0, 130, log_start=130) == 30 and gone.expected[0] == 131
     assert gone.check(0, 131) == "ok"
+
+
+def test_flush_producer_waits_for_table_writes_that_fausts_own_flush_leaves_queued() -> None:
+    """Faust's buffer flush gives up after 0.1 s without progress; the marker must not overtake a slow state write
+    into the broker's batches (on Tansu, the batch boundary decides what readers and table recovery see)."""
+    import asyncio
+    import types
+
+    from faust.transport.producer import ProducerBuffer
+
+    from streams.app import flush_producer
+
+    async def scenario() -> tuple[int, int, int]:
+        buffer = ProducerBuffer()
+        buffer.app = types.SimpleNamespace(conf=types.SimpleNamespace(producer_threaded=False))  # type: ignore[assignment]
+        sent: list[object] = []
+        client_flushes: list[int] = []
+
+        async def slow_send(fut: object) -> None:  # a busy client: each hand-over takes longer than 0.1 s
+            await asyncio.sleep(0.15)
+            sent.append(fut)
+
+        class Producer:
+            def __init__(self) -> None:
+                self.buffer = buffer
+
+            async def flush(self) -> None:
+                client_flushes.append(len(sent))
+
+        buffer._send_pending = slow_send  # type: ignore[method-assign]
+        await buffer.start()
+        try:
+            for i in range(3):
+                buffer.put(i)  # type: ignore[arg-type]
+            await buffer.flush()
+            after_faust = len(sent)
+            for i in range(3, 6):
+                buffer.put(i)  # type: ignore[arg-type]
+            await flush_producer(Producer())
+            return after_faust, len(sent), client_flushes[-1]
+        finally:
+            await buffer.stop()
+
+    after_faust, after_ours, at_client_flush = asyncio.run(scenario())
+    assert after_faust < 3, "the premise: Faust's own flush returns with writes still queued"
+    assert after_ours == 6 and at_client_flush == 6, "every write reached the client before the client was flushed"
