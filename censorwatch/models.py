@@ -84,7 +84,7 @@ class Measurement(Wire):
     @property
     def simulated(self) -> bool:
         """Simulated input is marked in its uid (``..._sim<hex>``): whatever is built on it must say so."""
-        return self.uid.rsplit("_", 1)[-1].startswith(SIM_MARK)
+        return self.uid.startswith(SIM_MARK, self.uid.rfind("_") + 1)  # the part after the last "_"
 
     @property
     def series_key(self) -> str:

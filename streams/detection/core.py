@@ -478,8 +478,11 @@ class Engine:
         or join an event other ISPs already opened on a smaller majority; clear only when the last
         ``clear_after_hours`` are clean with enough evidence (hysteresis in value and in time)."""
         cfg = self.cfg
-        sens = self._sensitivity(cc, target, now) if self.ctx.windows else 1.0
-        min_n = max(1, math.ceil(cfg.min_measurements / sens))
+        if self.ctx.windows:
+            sens = self._sensitivity(cc, target, now)
+            min_n = max(1, math.ceil(cfg.min_measurements / sens))
+        else:
+            sens, min_n = 1.0, cfg.min_measurements
         floor = e["n"] >= min_n and e["p"] >= cfg.min_probes
         before = series["st"]
         if before == BLOCKED:
@@ -893,6 +896,9 @@ class Engine:
 
 def apply_changes(state: dict[str, Any], changes: Mapping[str, Any | None]) -> None:
     """Apply a step's changes to a plain dict exactly as the Faust agent applies them to its table."""
+    if None not in changes.values():  # the common case, in one C-level call
+        state.update(changes)
+        return
     for key, value in changes.items():
         if value is None:
             state.pop(key, None)
