@@ -175,9 +175,10 @@ class Continuity:
     The topic's offsets are contiguous (not compacted, no transactions), so a jump within one process means records
     went missing upstream of the agent: Faust can drop records fetched just before a consumer-group rebalance and
     then commit past them (seen on restarts, while the old member is still in the group), and a seek back is undone
-    by records already in its queues. ``check`` says ``ok`` (an offset at or below the expected one is a
-    redelivery, which the engine de-duplicates) or ``gap``; on a gap the agent acknowledges nothing from there on
-    and the worker restarts itself, resuming from the committed offset, which is before the gap.
+    by records already in its queues. Each assignment's committed offset starts the expectation (``seeked``).
+    ``check`` says ``ok`` (an offset at or below the expected one is a redelivery, which the engine de-duplicates)
+    or ``gap``; on a gap the agent acknowledges nothing from there on and the worker restarts itself, resuming from
+    the committed offset, which is before the gap, unless retention already deleted the missing records (``expire``).
     """
 
     def __init__(self) -> None:
