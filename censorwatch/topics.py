@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+WORKER_STATE_TABLE = "detection-state"  # the Faust table of the detection engine's state
+
 
 @dataclass(frozen=True)
 class Topics:
@@ -43,6 +45,16 @@ class Topics:
     def silences(self) -> str:
         """Compacted: one record per alert silence (matchers, expiry, reason), shared by every dispatcher."""
         return self._name("silences")
+
+    @property
+    def worker_group(self) -> str:
+        """The Faust worker's app id: its consumer group and the prefix of its tables' changelog topics."""
+        return f"{self.prefix}-worker"
+
+    @property
+    def worker_state_changelog(self) -> str:
+        """Compacted, created by Faust: the worker's detection state (envelopes and markers, see ``streams.app``)."""
+        return f"{self.worker_group}-{WORKER_STATE_TABLE}-changelog"
 
     def all(self) -> dict[str, bool]:
         """Topic name -> whether it is compacted."""

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from censorwatch.bus import one_record_per_batch
 from censorwatch.config import Settings
 from censorwatch.models import DeadLetter, Event, Measurement, utcnow
+from censorwatch.topics import WORKER_STATE_TABLE
 from streams import metrics
 from streams.detection import DetectionContext, Engine, StepResult
 
@@ -326,7 +327,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
     engine = engine or Engine(settings.detection, DetectionContext.from_settings(settings))
     session = int(settings.kafka_session_timeout_seconds)
     app = WorkerApp(
-        f"{settings.topic_prefix}-worker",
+        topics.worker_group,
         broker=[f"kafka://{host.strip()}" for host in settings.bootstrap().split(",")],
         store="memory://",
         processing_guarantee="at_least_once",
@@ -371,7 +372,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
     events_topic = app.topic(topics.events, key_serializer="raw", value_serializer="raw")
     deadletter_topic = app.topic(topics.deadletter, key_serializer="raw", value_serializer="raw")
     state = app.Table(
-        "detection-state",
+        WORKER_STATE_TABLE,
         default=None,
         key_type=str,
         value_type=None,  # not dict: recovery calls value_type.from_data(); None keeps plain JSON values

@@ -51,7 +51,7 @@ def run(settings: Settings) -> int:
         # If the group cannot be moved (e.g. other members keep it busy), what Faust committed stays: it held back
         # every record after the jump, so that is usually before it.
         try:
-            now: object = rewind_group(settings, f"{settings.topic_prefix}-worker", settings.topics.measurements, first)
+            now: object = rewind_group(settings, settings.topics.worker_group, settings.topics.measurements, first)
         except KafkaError as exc:
             now = f"unchanged: {exc!r}"
         log.warning("restarting the worker to read missing input again: %s (group now at %s)", restart, now)

@@ -21,6 +21,7 @@ from censorwatch import bus
 from censorwatch.config import Settings, load_settings
 from censorwatch.models import DeadLetter, Event, Measurement
 from services.replay import read_measurements
+from streams.app import Committed, marker_key
 from streams.detection import DetectionContext, Engine, run_offline
 from tests.conftest import free_port
 from tests.kafka_read import read_topic
@@ -139,12 +140,12 @@ def test_sigkill_mid_stream_then_restart_recovers_state_without_duplicate_or_mis
 
 
 def _changelog(settings: Settings) -> dict[str, object]:
-    latest = bus.read_compacted(settings, f"{settings.topic_prefix}-worker-detection-state-changelog")
+    latest = bus.read_compacted(settings, settings.topics.worker_state_changelog)
     return {orjson.loads(k): orjson.loads(v) if v is not None else None for k, v in latest.items()}
 
 
 def _state_marker(settings: Settings) -> int:
-    marker = _changelog(settings).get("x|committed|0")
+    marker = _changelog(settings).get(marker_key(0))
     return int(marker) if isinstance(marker, int) else -1
 
 
@@ -161,23 +162,13 @@ def _end_offset(settings: Settings) -> int:
 
 def _committed_state(settings: Settings) -> dict[str, Any]:
     """The worker's state as its ``Committed`` view reads it, rebuilt from the changelog."""
-    table = _changelog(settings)
-    marker = table.get("x|committed|0")
-    state: dict[str, Any] = {}
-    for key, raw in table.items():
-        if key.startswith("x|") or raw is None:
-            continue
-        if isinstance(raw, dict) and "~s" in raw:
-            raw = raw["~v"] if isinstance(marker, int) and raw["~s"] <= marker else raw["~p"]
-        if raw is not None:
-            state[key] = raw
-    return state
+    return dict(Committed(_changelog(settings)))
 
 
 def _committed(settings: Settings) -> int:
     client = bus.admin(settings)
     try:
-        group = f"{settings.topic_prefix}-worker"
+        group = settings.topics.worker_group
         offsets = client.list_group_offsets(group).get(group, {})
         return max((o.offset for o in offsets.values()), default=0)
     finally:
@@ -251,7 +242,7 @@ def test_rewind_group_moves_committed_offsets_back_never_forward(broker: object,
     from kafka.structs import OffsetAndMetadata
 
     settings = _worker_settings(broker.bootstrap, tmp_path)  # type: ignore[attr-defined]
-    topic, group = settings.topics.measurements, f"{settings.topic_prefix}-worker"
+    topic, group = settings.topics.measurements, settings.topics.worker_group
     producer = bus.producer(settings)
     try:
         bus.send_all(producer, topic, [(b"XF", _sentinel("XF").to_bytes()) for _ in range(12)], 30)
