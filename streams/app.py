@@ -18,7 +18,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import faust
 import orjson
@@ -391,6 +391,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
                 continuity.seeked(tp.partition, offset)
 
     app.on_seek = on_seek
+
+    async def on_assigned(sender: Any, assigned: set[TP], **kwargs: Any) -> None:
+        """Faust sends the whole new assignment after each rebalance."""
+        metrics.ASSIGNED_PARTITIONS.set(sum(1 for tp in assigned if tp.topic == topics.measurements))
+
+    app.on_partitions_assigned.connect(cast(Any, on_assigned))  # its stubs want a ``signal`` keyword spelled out
+
     metrics.DEADLETTER_TOTAL.labels(stage="worker")  # exported at 0 from the start, as are the late kinds
     for kind in ("revised", "too_late"):
         metrics.LATE_MEASUREMENTS.labels(kind=kind)

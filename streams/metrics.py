@@ -45,6 +45,11 @@ EVENTS_OPEN = Gauge("censorwatch_worker_events_open", "Events currently open.", 
 ALERTS_CAPPED = Counter(
     "censorwatch_worker_alerts_capped", "Event notices dropped by the per-run alert cap (recorded, not sent)."
 )
+ASSIGNED_PARTITIONS = Gauge(
+    "censorwatch_worker_assigned_partitions",
+    "Partitions of the measurement topic this worker owns since the last rebalance (0: idle, e.g. more workers "
+    "than partitions).",
+)
 PROCESSING_LATENCY = Histogram(
     "censorwatch_worker_processing_latency_seconds",
     "From the poller fetching a measurement to the worker emitting the event it triggered.",

@@ -264,6 +264,7 @@ DOCUMENTED_METRICS: dict[str, tuple[str, ...]] = {
     "censorwatch_worker_late_measurements_total": ("kind",),
     "censorwatch_worker_events_emitted_total": ("kind", "action"),
     "censorwatch_worker_events_open": ("kind", "cc"),
+    "censorwatch_worker_assigned_partitions": (),
     "censorwatch_worker_processing_latency_seconds": (),
     "censorwatch_series_anomaly_share": ("cc", "asn", "target"),
     "censorwatch_series_measurements": ("cc", "asn", "target"),

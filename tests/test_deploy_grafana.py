@@ -162,6 +162,7 @@ def _worker_registry() -> CollectorRegistry:
     late = Counter("censorwatch_worker_late_measurements", "", ["kind"], registry=reg)
     emitted = Counter("censorwatch_worker_events_emitted", "", ["kind", "action"], registry=reg)
     open_ = Gauge("censorwatch_worker_events_open", "", ["kind", "cc"], registry=reg)
+    Gauge("censorwatch_worker_assigned_partitions", "", registry=reg).set(3)
     latency = Histogram("censorwatch_worker_processing_latency_seconds", "", registry=reg)
     share = Gauge("censorwatch_series_anomaly_share", "", ["cc", "asn", "target"], registry=reg)
     count = Gauge("censorwatch_series_measurements", "", ["cc", "asn", "target"], registry=reg)

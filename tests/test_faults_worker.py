@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +33,15 @@ CORPUS = "events/ke-telegram-2023.jsonl"
 
 
 def _worker_settings(broker_bootstrap: str, tmp_path: Path, **kw: object) -> Settings:
+    defaults: dict[str, object] = {"topic_partitions": 1, "countries": ["KE"]}
     s = load_settings(
         kafka_bootstrap=broker_bootstrap,
         broker_kind="tansu",
         topic_prefix=f"w{uuid.uuid4().hex[:10]}",
-        topic_partitions=1,
         kafka_session_timeout_seconds=6.0,
-        countries=["KE"],
         state_dir=tmp_path / "state",
         metrics={"poller_port": 0, "worker_port": free_port(), "dispatcher_port": 0},
-        **kw,
+        **(defaults | kw),
     )
     bus.ensure_topics(s)
     return s
@@ -139,22 +138,150 @@ def test_sigkill_mid_stream_then_restart_recovers_state_without_duplicate_or_mis
         assert live_uids == [o[4] for o in offline_state[key]["o"]], f"{key}: the recovered series differs"
 
 
+def test_two_workers_share_the_partitions_and_the_survivor_takes_over_a_killed_one(
+    broker: object, shared_data: Path, tmp_path: Path, services: list[Service]
+) -> None:
+    """Scale-out as in production: two workers in one group split the partitions (here Kenya and Uganda fall on
+    different ones); one is SIGKILLed mid-stream, the other takes its partitions over, recovers their state from
+    the changelog and goes on; the killed one then rejoins. Each country's notices and recovered series equal its
+    offline run: none lost, repeats identical."""
+    base = _worker_settings(
+        broker.bootstrap,  # type: ignore[attr-defined]
+        tmp_path,
+        topic_partitions=5,  # Kenya on 2, Uganda on 3: Faust's assignor deals partitions out in turn
+        countries=["KE", "UG"],
+    )
+    workers = {
+        name: base.model_copy(update={"metrics": base.metrics.model_copy(update={"worker_port": free_port()})})
+        for name in ("a", "b")
+    }
+    corpora = {"KE": CORPUS, "UG": "events/ug-twitter.jsonl"}
+    series = {
+        cc: [m for _, m in read_measurements(shared_data / path) if isinstance(m, Measurement) and m.cc == cc]
+        for cc, path in corpora.items()
+    }
+    partition = {cc: _partition_of(base, cc) for cc in series}
+    assert partition["KE"] != partition["UG"], "the two countries must fall on different partitions"
+    expected: dict[str, list[Event]] = {}
+    offline_state: dict[str, Any] = {}
+    for cc, ms in series.items():
+        state, expected[cc], _ = run_offline(Engine(base.detection, DetectionContext.from_settings(base)), ms)
+        offline_state.update(state)
+    assert all(len(e) >= 2 for e in expected.values()), "each corpus must produce several notices offline"
+
+    def processed(cc: str) -> float:
+        return sum(_processed(s, cc) for name, s in workers.items() if running[name].running())
+
+    producer = bus.producer(base)
+    topic = base.topics.measurements
+    running: dict[str, Service] = {}
+    try:
+        for name, s in workers.items():
+            running[name] = _start(s, tmp_path / name, f"worker-{name}")
+            services.append(running[name])
+        wait_until(
+            lambda: all(w.check() for w in running.values()) and all(_assigned(s) for s in workers.values()),
+            60,
+            "both workers to own partitions",
+        )
+        halves = {cc: len(ms) // 2 for cc, ms in series.items()}
+        for cc, ms in series.items():
+            bus.send_all(producer, topic, [(cc.encode(), m.to_bytes()) for m in ms[: halves[cc]]], 60)
+        wait_until(
+            lambda: all(w.check() for w in running.values()) and all(processed(cc) >= halves[cc] for cc in series),
+            120,
+            "the first halves",
+        )
+        owner = {cc: next(n for n, s in workers.items() if _processed(s, cc) > 0) for cc in series}
+        assert owner["KE"] != owner["UG"], f"both countries went to one worker: the partitions were not shared {owner}"
+        victim, survivor = owner["KE"], owner["UG"]
+        for cc, ms in series.items():
+            bus.send_all(producer, topic, [(cc.encode(), m.to_bytes()) for m in ms[halves[cc] :]], 60)
+        wait_until(lambda: _processed(workers[victim], "KE") > halves["KE"], 60, "Kenya's second half", 0.01)
+        running[victim].kill()
+        # The survivor notices the missing member (session timeout), takes Kenya's partition and finishes it.
+        wait_until(
+            lambda: running[survivor].check() and _caught_up(base, partition.values()),
+            120,
+            "the survivor to take over and finish every partition",
+        )
+        assert _processed(workers[survivor], "KE") > 0, "Kenya's partition was not taken over"
+        # The killed worker rejoins: the partitions are split again, and new input is handled wherever it lands.
+        running[victim] = _start(workers[victim], tmp_path / f"{victim}-2", f"worker-{victim}-2")
+        services.append(running[victim])
+        for p in partition.values():  # another country's record on each partition: the corpora stay as offline
+            cc = _country_on(base, p)
+            bus.send_all(producer, topic, [(cc.encode(), _sentinel(cc).to_bytes())], 30)
+        wait_until(
+            lambda: all(w.check() for w in running.values()) and _caught_up(base, partition.values()),
+            120,
+            "both workers to handle the input sent after the rejoin",
+        )
+    finally:
+        producer.close()
+    live = [Event.from_bytes(r.value) for r in read_topic(base, base.topics.events)]
+    live_state = _committed_state(base)
+    for cc in series:
+        mine = [e for e in live if e.cc == cc]
+        firsts: dict[str, Event] = {}
+        for e in mine:
+            firsts.setdefault(e.notice_key, e)
+        missing = [e.notice_key for e in expected[cc] if e.notice_key not in firsts]
+        assert not missing, f"{cc}: notices lost across the failover: {missing}"
+        differing = [e.notice_key for e in mine if _notice(e) != _notice(firsts[e.notice_key])]
+        assert not differing, f"{cc}: a repeated notice differs from its first delivery: {differing}"
+        assert [_notice(e) for e in firsts.values()] == [_notice(e) for e in expected[cc]]
+        for key in sorted(k for k in offline_state if k.startswith(f"s|{cc}|")):
+            live_uids = [o[4] for o in live_state.get(key, {}).get("o", [])]
+            assert live_uids == [o[4] for o in offline_state[key]["o"]], f"{key}: the recovered series differs"
+
+
+def _assigned(settings: Settings) -> float:
+    return metric_value(settings.metrics.worker_port, "censorwatch_worker_assigned_partitions")
+
+
+def _partition_of(settings: Settings, cc: str) -> int:
+    """Where the producers put a country's records (kafka-python's default partitioner, keyed by country)."""
+    from kafka.partitioner.default import murmur2
+
+    return int((murmur2(cc.encode()) & 0x7FFFFFFF) % settings.topic_partitions)
+
+
+def _country_on(settings: Settings, partition: int) -> str:
+    return next(
+        cc for cc in (f"X{chr(c)}" for c in range(ord("A"), ord("Z") + 1)) if _partition_of(settings, cc) == partition
+    )
+
+
+def _caught_up(settings: Settings, partitions: Iterable[int]) -> bool:
+    """Every record now on these partitions was handled: the group's committed offset is at each one's end (a
+    worker commits a batch only after its notices and state are on the broker)."""
+    client = bus.admin(settings)
+    try:
+        group = settings.topics.worker_group
+        offsets = client.list_group_offsets(group).get(group, {})
+    finally:
+        client.close()
+    committed = {tp.partition: o.offset for tp, o in offsets.items() if tp.topic == settings.topics.measurements}
+    return all(committed.get(p, -1) >= _end_offset(settings, p) for p in partitions)
+
+
 def _changelog(settings: Settings) -> dict[str, object]:
     latest = bus.read_compacted(settings, settings.topics.worker_state_changelog)
     return {orjson.loads(k): orjson.loads(v) if v is not None else None for k, v in latest.items()}
 
 
-def _state_marker(settings: Settings) -> int:
-    marker = _changelog(settings).get(marker_key(0))
+def _state_marker(settings: Settings, partition: int = 0) -> int:
+    marker = _changelog(settings).get(marker_key(partition))
     return int(marker) if isinstance(marker, int) else -1
 
 
-def _end_offset(settings: Settings) -> int:
+def _end_offset(settings: Settings, partition: int = 0) -> int:
     from kafka import TopicPartition
 
     c = bus.consumer(settings, group_id=None)
     try:
-        tp = TopicPartition(settings.topics.measurements, 0)
+        tp = TopicPartition(settings.topics.measurements, partition)
         return int(c.end_offsets([tp])[tp])
     finally:
         c.close()
