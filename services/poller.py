@@ -260,7 +260,7 @@ class Poller:
                 m = normalise(item, fetched_at=fetched_at)
             except NormaliseError as exc:
                 key = _item_key(item)
-                if key in cursor.seen or key in fresh_uids:
+                if key in fresh_uids or cursor.knows(key):
                     result.duplicates += 1
                     metrics.DUPLICATES.labels(cc=cc).inc()
                     continue
@@ -274,7 +274,7 @@ class Poller:
                     )
                 )
                 continue
-            if m.uid in cursor.seen or m.uid in fresh_uids:
+            if m.uid in fresh_uids or cursor.knows(m.uid):
                 result.duplicates += 1
                 metrics.DUPLICATES.labels(cc=cc).inc()
                 continue
@@ -304,7 +304,7 @@ class Poller:
         for m in fresh:
             cursor.record(m.uid, m.start_time, now)
         for key, start, _ in dead:
-            cursor.seen[key] = start
+            cursor.remember(key, start)
         metrics.PRODUCED.labels(cc=cc).inc(len(fresh))
         metrics.ERRORS.labels(kind="malformed_item").inc(len(dead))
         metrics.DEADLETTER_TOTAL.labels(stage="normalise").inc(len(dead))
