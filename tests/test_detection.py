@@ -160,6 +160,38 @@ def test_duplicates_late_revisions_and_too_late() -> None:
     assert too_late.counters == {"too_late": 1} and not too_late.events
 
 
+def test_a_late_upload_revises_the_evidence_with_one_notice_an_hour() -> None:
+    """A probe that was offline uploads a dozen measurements at once: the team gets one "revised" notice, not a
+    dozen; the evidence keeps every one of them, and the next revised notice (an hour of watermark later) says so."""
+    engine = Engine(DetectionSettings())
+    state, events, _ = run_offline(engine, clean(range(0, 40, 4)) + [msm(40 + i, anomaly=True) for i in range(4)])
+    assert [e.action for e in events] == [EventAction.OPENED]
+    apply_changes(state, engine.step(state, msm(60, anomaly=True)).changes)  # the watermark moves on
+
+    def feed(ms: list[Measurement]) -> tuple[list[Event], Counter[str]]:
+        notices: list[Event] = []
+        counters: Counter[str] = Counter()
+        for m in ms:
+            result = engine.step(state, m)
+            apply_changes(state, result.changes)
+            notices += result.events
+            counters.update(result.counters)
+        return notices, counters
+
+    upload, counters = feed([msm(44.5 + i, anomaly=True) for i in range(12)])
+    assert counters["late_revised"] == 12
+    assert [(e.action, e.version) for e in upload] == [(EventAction.REVISED, 2)]
+    assert upload[0].asns[0].blocked == 4 + 1 + 1  # the first late one, with what was known before
+    # Still the same watermark hour: absorbed without a notice.
+    quiet, _ = feed([msm(56.5, anomaly=True)])
+    assert not quiet
+    # An hour of watermark later, the next late measurement gives one notice with everything since.
+    feed([msm(61.5, anomaly=True)])
+    later, _ = feed([msm(57.5, anomaly=True)])
+    assert [(e.action, e.version) for e in later] == [(EventAction.REVISED, 3)]
+    assert later[0].asns[0].blocked == 4 + 1 + 12 + 1 + 1 + 1
+
+
 def test_future_timestamps_are_clamped_to_receive_time() -> None:
     engine = Engine(DetectionSettings())
     m = msm(1, start=T0 + timedelta(days=30))

@@ -49,6 +49,7 @@ OK, ANOMALY, CONFIRMED, FAILURE = 0, 1, 2, 3
 CODE = {Outcome.OK: OK, Outcome.ANOMALY: ANOMALY, Outcome.CONFIRMED: CONFIRMED, Outcome.FAILURE: FAILURE}
 BLOCKED, DOWN, STATE_OK, INSUFFICIENT = "blocked", "down", "ok", "insufficient"
 LINKS_PER_ASN = 3
+REVISED_NOTICE_EVERY = 3600.0  # at most one "revised" notice per event per hour of watermark (measurement) time
 LINKS_PER_EVENT = 5
 
 
@@ -313,18 +314,24 @@ class Engine:
             if sim:
                 ev["sim"] = True
             if late:
-                ev["v"] += 1
+                # A probe that uploads a day late sends dozens of measurements at once: the evidence is kept
+                # current with each, but the team hears of it once an hour (of watermark time) at most; the next
+                # notice carries whatever came after.
                 counters["late_revised"] = counters.get("late_revised", 0) + 1
-                events.append(
-                    self._target_event(
-                        ev,
-                        cc,
-                        target,
-                        EventAction.REVISED,
-                        t,
-                        f"late measurements revised the evidence on AS{asn} ({asn_ev['k']} of {asn_ev['n']})",
+                now_wm = float(country["wm"])
+                if ev.get("rv") is None or now_wm >= float(ev["rv"]) + REVISED_NOTICE_EVERY:
+                    ev["v"] += 1
+                    ev["rv"] = now_wm
+                    events.append(
+                        self._target_event(
+                            ev,
+                            cc,
+                            target,
+                            EventAction.REVISED,
+                            t,
+                            f"late measurements revised the evidence on AS{asn} ({asn_ev['k']} of {asn_ev['n']})",
+                        )
                     )
-                )
             elif ev["m"] != old_methods:
                 ev["v"] += 1
                 events.append(
