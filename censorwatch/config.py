@@ -319,6 +319,13 @@ class Settings(BaseSettings):
     poll_lookback_seconds: float = Field(
         default=6 * 3600.0, ge=0, description="re-ask this far behind the cursor for late uploads"
     )
+    poll_late_sweep_seconds: float = Field(
+        default=72 * 3600.0,
+        ge=0,
+        description="every sweep re-reads this far back for uploads later than the look-back (0 = no sweep); "
+        "detection revises evidence with data up to detection.revision_window_hours late",
+    )
+    poll_late_sweep_every_seconds: float = Field(default=3600.0, gt=0, description="time between late sweeps")
     poll_start: datetime | None = Field(default=None, description="first start: poll from here (UTC)")
     poll_initial_lookback_seconds: float = Field(default=24 * 3600.0, ge=0)
     poll_page_size: int = Field(default=500, ge=1, le=10000)

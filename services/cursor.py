@@ -10,6 +10,11 @@ The API filters on the probe's start time and late uploads appear "in the past",
   record is one Kafka message (1 MB by default), and a busy country can have tens of thousands of uids in six
   hours (a record past half the limit is logged at WARNING, with what to do).
 
+Uploads later than the look-back are caught by a periodic *late sweep* (``services.poller``), which re-reads
+further back and keeps only items received since the last sweep; the cursor then also holds ``swept`` (where the
+last complete sweep began) and ``late`` (digests of what sweeps produced, by receive time, so a sweep repeated
+after a crash produces nothing twice).
+
 It is written after Kafka acknowledged the page's measurements (at-least-once: a crash between the two
 produces that page again, and the worker's uid de-duplication absorbs it).
 """
@@ -22,6 +27,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 from kafka import KafkaProducer
@@ -63,6 +69,8 @@ class CountryCursor:
     floor: datetime  # the very first ``since`` (poll_start or now - initial look-back)
     since: datetime | None = None  # high-water mark; None until a first page was produced
     seen: dict[str, datetime] = field(default_factory=dict)  # uid_digest -> probe start time, inside the overlap
+    swept: datetime | None = None  # start of the last complete late sweep (None: no sweep yet)
+    late: dict[str, datetime] = field(default_factory=dict)  # uid_digest -> receive time, produced by sweeps
 
     def query_since(self, lookback: timedelta) -> datetime:
         """The ``since`` of the next request: the look-back behind the high-water, one more second for ties
@@ -77,6 +85,22 @@ class CountryCursor:
     def remember(self, uid: str, start_time: datetime) -> None:
         """Keep a dead-lettered item's uid in the overlap without moving the mark."""
         self.seen[uid_digest(uid)] = start_time
+
+    def knows_late(self, uid: str) -> bool:
+        return uid_digest(uid) in self.late
+
+    def remember_late(self, uid: str, received: datetime) -> None:
+        """A late sweep produced (or dead-lettered) it: never again, and the mark does not move."""
+        self.late[uid_digest(uid)] = received
+
+    def swept_at(self, start: datetime, margin: timedelta) -> int:
+        """A sweep that began at ``start`` completed: the next one keeps items received after ``start - margin``,
+        so entries received before that are no longer needed. Returns how many were dropped."""
+        self.swept = start
+        old = [digest for digest, received in self.late.items() if received <= start - margin]
+        for digest in old:
+            del self.late[digest]
+        return len(old)
 
     def record(self, uid: str, start_time: datetime, now: datetime) -> None:
         """Remember a produced (or dead-lettered) item; future probe clocks never moves the mark past now."""
@@ -99,17 +123,15 @@ class CountryCursor:
         return len(old)
 
     def to_bytes(self) -> bytes:
-        by_start: dict[datetime, list[str]] = defaultdict(list)
-        for digest, start in self.seen.items():
-            by_start[start].append(digest)
         return orjson.dumps(
             {
                 "version": VERSION,
                 "cc": self.cc,
                 "floor": _iso(self.floor),
                 "since": _iso(self.since) if self.since else None,
-                # {start as epoch seconds: "digest digest ..."}
-                "seen": {_epoch(start): " ".join(digests) for start, digests in by_start.items()},
+                "seen": _grouped(self.seen),  # {start as epoch seconds: "digest digest ..."}
+                "swept": _iso(self.swept) if self.swept else None,
+                "late": _grouped(self.late),  # {receive time as epoch seconds: "digest ..."}
             }
         )
 
@@ -120,18 +142,31 @@ class CountryCursor:
         if raw.get("version", 1) == 1:
             seen = {uid_digest(str(uid)): _parse(start) for uid, start in stored.items()}
         else:
-            seen = {
-                digest: start
-                for epoch, digests in stored.items()
-                for start in (datetime.fromtimestamp(float(epoch), UTC),)
-                for digest in str(digests).split()
-            }
+            seen = _ungrouped(stored)
         return cls(
             cc=str(raw["cc"]),
             floor=_parse(raw["floor"]),
             since=_parse(raw["since"]) if raw.get("since") else None,
             seen=seen,
+            swept=_parse(raw["swept"]) if raw.get("swept") else None,
+            late=_ungrouped(raw.get("late") or {}),
         )
+
+
+def _grouped(digests: dict[str, datetime]) -> dict[str, str]:
+    by_time: dict[datetime, list[str]] = defaultdict(list)
+    for digest, when in digests.items():
+        by_time[when].append(digest)
+    return {_epoch(when): " ".join(group) for when, group in by_time.items()}
+
+
+def _ungrouped(stored: dict[str, Any]) -> dict[str, datetime]:
+    return {
+        digest: when
+        for epoch, group in stored.items()
+        for when in (datetime.fromtimestamp(float(epoch), UTC),)
+        for digest in str(group).split()
+    }
 
 
 class CursorStore:

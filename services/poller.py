@@ -43,6 +43,7 @@ from services.ooni_client import (
 
 log = logging.getLogger(__name__)
 
+SWEEP_MARGIN = timedelta(minutes=15)  # the API shows a measurement some minutes after its uid's receive time
 MAX_WINDOW = timedelta(days=179)  # the API refuses windows over 180 days (HTTP 400)
 KAFKA_TIMEOUT = 30.0
 
@@ -67,6 +68,15 @@ class CountryRound:
     deadlettered: int = 0
     complete: bool = False
     error: str | None = None
+    late: CountryRound | None = None  # the late sweep that followed this round, if one ran
+
+
+def received_at(uid: str) -> datetime | None:
+    """When OONI's collector received a measurement: its uid's ``YYYYMMDDHHMMSS.ffffff_`` prefix."""
+    try:
+        return datetime.strptime(uid[:21], "%Y%m%d%H%M%S.%f").replace(tzinfo=UTC) if uid[21:22] == "_" else None
+    except ValueError:
+        return None
 
 
 def api_time(value: datetime) -> str:
@@ -199,29 +209,7 @@ class Poller:
         cursor = self.cursors[cc]
         now = self.clock()
         params = self.params(cursor, now)
-        try:
-            for page in self.client.iter_measurement_pages(params):
-                result.pages += 1
-                self._handle_page(cursor, page, result, now)
-                if self.stop_event.is_set():
-                    result.error = "stopped"
-                    return result
-        except MalformedPage as exc:
-            result.error = f"malformed page: {exc.reason}"
-            self._deadletter_page(cc, exc)
-            return result
-        except (ApiUnavailable, ClientError) as exc:
-            result.error = str(exc)
-            log.warning("%s: poll round abandoned (%s); next round in %.0f s", cc, exc, self._interval())
-            return result
-        except (Stopped, RequestAbandoned):
-            result.error = "stopped"
-            log.info("%s: poll interrupted by shutdown", cc)
-            return result
-        except (KafkaError, TimeoutError) as exc:
-            metrics.ERRORS.labels(kind="kafka").inc()
-            result.error = f"kafka: {exc}"
-            log.warning("%s: producing failed (%s); the page is retried next round", cc, exc)
+        if not self._read_pages(cursor, params, result, now):
             return result
         # Everything that had arrived by `now` was read: the next round may start `lookback` behind it.
         until = datetime.strptime(params["until"], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
@@ -245,22 +233,120 @@ class Poller:
             result.deadlettered,
             result.pages,
         )
+        if until >= now and not self.stop_event.is_set():  # caught up: look for uploads later than the look-back
+            result.late = self.late_sweep(cursor, now)
         return result
 
-    def _handle_page(self, cursor: CountryCursor, page: Page, result: CountryRound, now: datetime) -> None:
+    def late_sweep(self, cursor: CountryCursor, now: datetime) -> CountryRound | None:
+        """Every ``poll_late_sweep_every_seconds``: produce what arrived since the last sweep too late for the
+        look-back (a probe that was offline for a day, e.g. through a shutdown, uploads its queue when back).
+
+        The API cannot filter on arrival, so the sweep re-reads ``poll_late_sweep_seconds`` before the regular
+        window and keeps the items whose uid says they were received since the last sweep (less a margin: the
+        API shows them minutes later) and that were already later than the look-back then. An item late by
+        about the look-back can be produced by both paths (within ``SWEEP_MARGIN`` plus a poll interval); the
+        worker recognises it by its uid. None when no sweep ran; the sweep's round otherwise.
+        """
+        s = self.settings
+        if s.poll_late_sweep_seconds <= 0:
+            return None
+        if cursor.swept is not None and now < cursor.swept + timedelta(seconds=s.poll_late_sweep_every_seconds):
+            return None
+        sweep = CountryRound(cursor.cc)
+        if cursor.swept is not None:  # the first time only sets the mark: late uploads count from then on
+            edge = cursor.query_since(self.lookback)
+            since = max(now - timedelta(seconds=s.poll_late_sweep_seconds), cursor.floor)
+            if since < edge:
+                params = {**self.params(cursor, now), "since": api_time(since), "until": api_time(edge)}
+                if not self._read_pages(cursor, params, sweep, now, sweep_after=cursor.swept - SWEEP_MARGIN):
+                    return sweep
+        cursor.swept_at(now, SWEEP_MARGIN)
+        try:
+            self._save(cursor)
+        except (KafkaError, TimeoutError) as exc:
+            metrics.ERRORS.labels(kind="kafka").inc()
+            sweep.error = f"kafka: {exc}"
+            log.warning("%s: writing the cursor after a late sweep failed (%s)", cursor.cc, exc)
+            return sweep
+        sweep.complete = True
+        if sweep.pages:
+            log.info(
+                "%s: late sweep: %d uploads later than the look-back, %d produced, %d dead-lettered in %d page(s)",
+                cursor.cc,
+                sweep.fetched,
+                sweep.produced,
+                sweep.deadlettered,
+                sweep.pages,
+            )
+        return sweep
+
+    def _read_pages(
+        self,
+        cursor: CountryCursor,
+        params: dict[str, Any],
+        result: CountryRound,
+        now: datetime,
+        sweep_after: datetime | None = None,
+    ) -> bool:
+        """Fetch and produce every page of a request; False (with ``result.error``) if the round was cut short."""
+        cc = cursor.cc
+        try:
+            for page in self.client.iter_measurement_pages(params):
+                result.pages += 1
+                self._handle_page(cursor, page, result, now, sweep_after)
+                if self.stop_event.is_set():
+                    result.error = "stopped"
+                    return False
+        except MalformedPage as exc:
+            result.error = f"malformed page: {exc.reason}"
+            self._deadletter_page(cc, exc)
+            return False
+        except (ApiUnavailable, ClientError) as exc:
+            result.error = str(exc)
+            log.warning("%s: poll round abandoned (%s); next round in %.0f s", cc, exc, self._interval())
+            return False
+        except (Stopped, RequestAbandoned):
+            result.error = "stopped"
+            log.info("%s: poll interrupted by shutdown", cc)
+            return False
+        except (KafkaError, TimeoutError) as exc:
+            metrics.ERRORS.labels(kind="kafka").inc()
+            result.error = f"kafka: {exc}"
+            log.warning("%s: producing failed (%s); the page is retried next round", cc, exc)
+            return False
+        return True
+
+    def _handle_page(
+        self,
+        cursor: CountryCursor,
+        page: Page,
+        result: CountryRound,
+        now: datetime,
+        sweep_after: datetime | None = None,
+    ) -> None:
+        """Produce the page's new items, dead-letter the malformed ones, then remember them in the cursor. In a
+        late sweep (``sweep_after`` set) only the items received after it and later than the look-back are the
+        sweep's; the others are the regular rounds' and are passed over without a count."""
         cc = cursor.cc
         fetched_at = self.clock()
         fresh: list[Measurement] = []
         fresh_uids: set[str] = set()
         dead: list[tuple[str, datetime, DeadLetter]] = []
+        sweep = sweep_after is not None
+        received: dict[str, datetime] = {}  # in a sweep: item key -> receive time
         for index, item in enumerate(page.results):
+            if sweep_after is not None:
+                arrived = self._late_arrival(item, sweep_after)
+                if arrived is None:
+                    continue
+                received[_item_key(item)] = arrived
             result.fetched += 1
             metrics.FETCHED.labels(cc=cc).inc()
             try:
                 m = normalise(item, fetched_at=fetched_at)
             except NormaliseError as exc:
                 key = _item_key(item)
-                if key in fresh_uids or cursor.knows(key):
+                if key in fresh_uids or cursor.knows(key) or (sweep and cursor.knows_late(key)):
                     result.duplicates += 1
                     metrics.DUPLICATES.labels(cc=cc).inc()
                     continue
@@ -274,7 +360,7 @@ class Poller:
                     )
                 )
                 continue
-            if m.uid in fresh_uids or cursor.knows(m.uid):
+            if m.uid in fresh_uids or cursor.knows(m.uid) or (sweep and cursor.knows_late(m.uid)):
                 result.duplicates += 1
                 metrics.DUPLICATES.labels(cc=cc).inc()
                 continue
@@ -302,9 +388,15 @@ class Poller:
                 log.warning("%s: dead-lettered item %s: %s", cc, letter.key, letter.reason)
         # Acknowledged: now (and only now) remember them and move the cursor.
         for m in fresh:
-            cursor.record(m.uid, m.start_time, now)
+            if sweep:
+                cursor.remember_late(m.uid, received_at(m.uid) or now)
+            else:
+                cursor.record(m.uid, m.start_time, now)
         for key, start, _ in dead:
-            cursor.remember(key, start)
+            if sweep:
+                cursor.remember_late(key, received[key])
+            else:
+                cursor.remember(key, start)
         metrics.PRODUCED.labels(cc=cc).inc(len(fresh))
         metrics.ERRORS.labels(kind="malformed_item").inc(len(dead))
         metrics.DEADLETTER_TOTAL.labels(stage="normalise").inc(len(dead))
@@ -312,6 +404,16 @@ class Poller:
         result.deadlettered += len(dead)
         if fresh or dead:
             self._save(cursor)
+
+    def _late_arrival(self, item: Any, after: datetime) -> datetime | None:
+        """The receive time of an item a late sweep must produce: received after ``after`` and later than the
+        look-back then (less the margin); None for the regular rounds' items and those it cannot tell."""
+        uid = item.get("measurement_uid") if isinstance(item, dict) else None
+        arrived = received_at(uid) if isinstance(uid, str) else None
+        if arrived is None or arrived <= after:
+            return None
+        start = _item_time(item, arrived)
+        return arrived if start <= arrived - self.lookback + SWEEP_MARGIN else None
 
     def _deadletter_page(self, cc: str, exc: MalformedPage) -> None:
         """The page is kept for inspection; the same window is asked again next round."""

@@ -30,9 +30,12 @@ def _busy(n: int, seed: int = 1) -> tuple[CountryCursor, list[str]]:
 def test_round_trip_keeps_every_uid_start_and_mark() -> None:
     cursor, uids = _busy(5_000)
     cursor.remember("sha256:0123abcd", NOW - timedelta(hours=1, microseconds=250))  # a dead letter's key
+    cursor.swept = NOW - timedelta(minutes=50)
+    cursor.remember_late("20261126115500.123456_RU_webconnectivity_late", NOW - timedelta(minutes=5))
     back = CountryCursor.from_bytes(cursor.to_bytes())
-    assert (back.cc, back.floor, back.since) == (cursor.cc, cursor.floor, cursor.since)
-    assert back.seen == cursor.seen
+    assert (back.cc, back.floor, back.since, back.swept) == (cursor.cc, cursor.floor, cursor.since, cursor.swept)
+    assert back.seen == cursor.seen and back.late == cursor.late
+    assert back.knows_late("20261126115500.123456_RU_webconnectivity_late") and not back.knows_late(uids[0])
     assert all(back.knows(uid) for uid in uids) and back.knows("sha256:0123abcd")
     assert not back.knows(uids[0] + "x") and not back.knows("20261126000000.000000_RU_webconnectivity_other")
 

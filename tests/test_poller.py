@@ -201,6 +201,55 @@ def test_restart_mid_run_with_late_items_neither_skips_nor_repeats(kafka_setting
     assert edge >= NOW - timedelta(hours=6, seconds=2)
 
 
+def test_late_sweep_produces_uploads_later_than_the_look_back_once_even_across_a_crash(
+    kafka_settings: Settings,
+) -> None:
+    """A probe offline through a shutdown uploads its queue a day later: the regular rounds cannot see it (its
+    start times are before the look-back); the hourly late sweep produces it, and neither a sweep cut short and
+    repeated by a new process nor the regular rounds produce anything twice."""
+    clock = [NOW]
+    on_time = kh_series(NOW - timedelta(hours=3), 3)
+    with FakeOoniApi(on_time) as api:
+        settings = poller_settings(kafka_settings, api, ["KH"], poll_start=NOW - timedelta(days=4))
+        first = make_poller(settings, clock=lambda: clock[0])
+        try:
+            r = first.poll_once()[0]
+            assert r.complete and r.produced == len(on_time)
+            assert r.late is not None and r.late.complete and r.late.pages == 0  # the first sweep sets the mark
+            arrived = NOW + timedelta(minutes=20)
+            queued = [  # measured 30 h before, received now: 12 items, 3 pages of the sweep
+                make_item(start=NOW - timedelta(hours=30, minutes=i), received=arrived, seq=5000 + i) for i in range(12)
+            ]
+            slightly = [make_item(start=NOW - timedelta(hours=2), received=arrived, seq=6000)]  # the look-back's
+            api.add_items(queued + slightly)
+            clock[0] = NOW + timedelta(minutes=30)
+            r = first.poll_once()[0]
+            assert r.produced == 1 and r.late is None  # not an hour since the last sweep
+        finally:
+            first.close()
+        clock[0] = NOW + timedelta(hours=1, minutes=5)
+        stop = threading.Event()
+        cut = make_poller(settings, clock=lambda: clock[0], stop=stop, client=StopAfterPages(settings, 1, stop))
+        try:
+            assert cut.start()
+            sweep = cut.late_sweep(cut.cursors["KH"], clock[0])
+            assert sweep is not None and not sweep.complete and sweep.produced == 5
+        finally:
+            cut.close()
+        again = make_poller(settings, clock=lambda: clock[0])
+        try:
+            r = again.poll_once()[0]
+            assert r.complete and r.produced == 0
+            assert r.late is not None and r.late.complete and r.late.produced == len(queued) - 5
+            clock[0] = NOW + timedelta(hours=2, minutes=10)
+            r = again.poll_once()[0]
+            assert r.late is not None and r.late.complete and r.late.produced == 0 and r.late.pages >= 3
+        finally:
+            again.close()
+    uids = [m.uid for _, m in measurements(settings)]
+    assert sorted(uids) == sorted(i["measurement_uid"] for i in on_time + queued + slightly)
+
+
 def test_future_probe_clock_does_not_move_the_cursor_past_now(kafka_settings: Settings) -> None:
     # As far ahead as the API's default window serves (until = tomorrow 00:00 UTC), whatever the hour of the run.
     midnight = datetime(NOW.year, NOW.month, NOW.day, tzinfo=UTC) + timedelta(days=1)
