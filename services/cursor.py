@@ -83,7 +83,7 @@ class CountryCursor:
         return uid_digest(uid) in self.seen
 
     def remember(self, uid: str, start_time: datetime) -> None:
-        """Keep a dead-lettered item's uid in the overlap without moving the mark."""
+        """Keep a uid in the overlap without moving the mark (a dead-lettered item's; ``record`` also moves it)."""
         self.seen[uid_digest(uid)] = start_time
 
     def knows_late(self, uid: str) -> bool:
@@ -93,14 +93,11 @@ class CountryCursor:
         """A late sweep produced (or dead-lettered) it: never again, and the mark does not move."""
         self.late[uid_digest(uid)] = received
 
-    def swept_at(self, start: datetime, margin: timedelta) -> int:
+    def swept_at(self, start: datetime, margin: timedelta) -> None:
         """A sweep that began at ``start`` completed: the next one keeps items received after ``start - margin``,
-        so entries received before that are no longer needed. Returns how many were dropped."""
+        so entries received before that are no longer needed."""
         self.swept = start
-        old = [digest for digest, received in self.late.items() if received <= start - margin]
-        for digest in old:
-            del self.late[digest]
-        return len(old)
+        self.late = {digest: received for digest, received in self.late.items() if received > start - margin}
 
     def record(self, uid: str, start_time: datetime, now: datetime) -> None:
         """Remember a produced (or dead-lettered) item; future probe clocks never moves the mark past now."""
