@@ -34,6 +34,12 @@ DUPLICATES = Counter(
     "List items skipped because their uid was already produced (look-back overlap, repeated pages).",
     ["cc"],
 )
+LATE_UPLOADS = Counter(
+    "censorwatch_poller_late_uploads",
+    "Measurements the late sweep produced: uploaded later than the look-back (a burst can mean probes are back "
+    "online after a shutdown).",
+    ["cc"],
+)
 ERRORS = Counter("censorwatch_poller_errors", "Poller failures by kind.", ["kind"])
 LAST_SUCCESS = Gauge(
     "censorwatch_poller_last_success_timestamp_seconds",
@@ -59,6 +65,7 @@ def init_labels(countries: Iterable[str]) -> None:
         FETCHED.labels(cc=cc)
         PRODUCED.labels(cc=cc)
         DUPLICATES.labels(cc=cc)
+        LATE_UPLOADS.labels(cc=cc)
     for kind in ERROR_KINDS:
         ERRORS.labels(kind=kind)
     for outcome in ENRICH_OUTCOMES:

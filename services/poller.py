@@ -398,6 +398,8 @@ class Poller:
             else:
                 cursor.remember(key, start)
         metrics.PRODUCED.labels(cc=cc).inc(len(fresh))
+        if sweep:
+            metrics.LATE_UPLOADS.labels(cc=cc).inc(len(fresh))
         metrics.ERRORS.labels(kind="malformed_item").inc(len(dead))
         metrics.DEADLETTER_TOTAL.labels(stage="normalise").inc(len(dead))
         result.produced += len(fresh)

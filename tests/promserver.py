@@ -252,6 +252,7 @@ def running_prometheus(
 DOCUMENTED_METRICS: dict[str, tuple[str, ...]] = {
     "censorwatch_poller_measurements_fetched_total": ("cc",),
     "censorwatch_poller_measurements_produced_total": ("cc",),
+    "censorwatch_poller_late_uploads_total": ("cc",),
     "censorwatch_poller_errors_total": ("kind",),
     "censorwatch_poller_last_success_timestamp_seconds": ("cc",),
     "censorwatch_poller_api_quota_remaining": (),

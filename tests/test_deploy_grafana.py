@@ -136,6 +136,7 @@ def _poller_registry() -> CollectorRegistry:
     fetched = Counter("censorwatch_poller_measurements_fetched", "", ["cc"], registry=reg)
     produced = Counter("censorwatch_poller_measurements_produced", "", ["cc"], registry=reg)
     errors = Counter("censorwatch_poller_errors", "", ["kind"], registry=reg)
+    Counter("censorwatch_poller_late_uploads", "", ["cc"], registry=reg).labels("KH").inc(4)
     last = Gauge("censorwatch_poller_last_success_timestamp_seconds", "", ["cc"], registry=reg)
     quota = Gauge("censorwatch_poller_api_quota_remaining", "", registry=reg)
     duration = Histogram("censorwatch_poller_request_duration_seconds", "", registry=reg)

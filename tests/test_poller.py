@@ -209,6 +209,7 @@ def test_late_sweep_produces_uploads_later_than_the_look_back_once_even_across_a
     repeated by a new process nor the regular rounds produce anything twice."""
     clock = [NOW]
     on_time = kh_series(NOW - timedelta(hours=3), 3)
+    late_before = metric("censorwatch_poller_late_uploads_total", {"cc": "KH"})
     with FakeOoniApi(on_time) as api:
         settings = poller_settings(kafka_settings, api, ["KH"], poll_start=NOW - timedelta(days=4))
         first = make_poller(settings, clock=lambda: clock[0])
@@ -248,6 +249,7 @@ def test_late_sweep_produces_uploads_later_than_the_look_back_once_even_across_a
             again.close()
     uids = [m.uid for _, m in measurements(settings)]
     assert sorted(uids) == sorted(i["measurement_uid"] for i in on_time + queued + slightly)
+    assert metric("censorwatch_poller_late_uploads_total", {"cc": "KH"}) == late_before + len(queued)
 
 
 def test_future_probe_clock_does_not_move_the_cursor_past_now(kafka_settings: Settings) -> None:
