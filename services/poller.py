@@ -333,13 +333,9 @@ class Poller:
         fresh_uids: set[str] = set()
         dead: list[tuple[str, datetime, DeadLetter]] = []
         sweep = sweep_after is not None
-        received: dict[str, datetime] = {}  # in a sweep: item key -> receive time
         for index, item in enumerate(page.results):
-            if sweep_after is not None:
-                arrived = self._late_arrival(item, sweep_after)
-                if arrived is None:
-                    continue
-                received[_item_key(item)] = arrived
+            if sweep_after is not None and self._late_arrival(item, sweep_after) is None:
+                continue
             result.fetched += 1
             metrics.FETCHED.labels(cc=cc).inc()
             try:
@@ -394,7 +390,7 @@ class Poller:
                 cursor.record(m.uid, m.start_time, now)
         for key, start, _ in dead:
             if sweep:
-                cursor.remember_late(key, received[key])
+                cursor.remember_late(key, received_at(key) or now)  # a sweep's items all have a uid
             else:
                 cursor.remember(key, start)
         metrics.PRODUCED.labels(cc=cc).inc(len(fresh))

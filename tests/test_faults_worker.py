@@ -88,7 +88,9 @@ def test_sigkill_mid_stream_then_restart_recovers_state_without_duplicate_or_mis
 ) -> None:
     settings = _worker_settings(broker.bootstrap, tmp_path)  # type: ignore[attr-defined]
     measurements = [m for _, m in read_measurements(shared_data / CORPUS) if isinstance(m, Measurement)]
-    _, expected, _ = run_offline(Engine(settings.detection, DetectionContext.from_settings(settings)), measurements)
+    offline_state, expected, _ = run_offline(
+        Engine(settings.detection, DetectionContext.from_settings(settings)), measurements
+    )
     assert len(expected) >= 2, "the corpus must produce several notices offline"
     half = len(measurements) // 2
     first, second = measurements[:half], measurements[half:]
@@ -128,9 +130,6 @@ def test_sigkill_mid_stream_then_restart_recovers_state_without_duplicate_or_mis
     # The recovered state holds every measurement exactly once. Faust drops records fetched around the group's
     # rebalance after the restart (the killed member is still in the group); the worker notices the jump in offsets
     # and restarts itself from the first missing one (streams/app.py, Continuity).
-    offline_state, _, _ = run_offline(
-        Engine(settings.detection, DetectionContext.from_settings(settings)), measurements
-    )
     wait_until(lambda: _state_marker(settings) >= _end_offset(settings) - 1, 30, "the last batch's state")
     live_state = _committed_state(settings)
     for key in sorted(k for k in offline_state if k.startswith("s|KE|")):
@@ -169,12 +168,13 @@ def test_two_workers_share_the_partitions_and_the_survivor_takes_over_a_killed_o
         offline_state.update(state)
     assert all(len(e) >= 2 for e in expected.values()), "each corpus must produce several notices offline"
 
+    running: dict[str, Service] = {}
+
     def processed(cc: str) -> float:
         return sum(_processed(s, cc) for name, s in workers.items() if running[name].running())
 
     producer = bus.producer(base)
     topic = base.topics.measurements
-    running: dict[str, Service] = {}
     try:
         for name, s in workers.items():
             running[name] = _start(s, tmp_path / name, f"worker-{name}")
