@@ -24,7 +24,7 @@ from services.replay import read_measurements
 from streams.app import Committed, marker_key
 from streams.detection import DetectionContext, Engine, run_offline
 from tests.conftest import free_port
-from tests.kafka_read import read_topic
+from tests.kafka_read import BrokerView, read_topic
 from tests.services import Service, metric_value, scrape, wait_until
 
 pytestmark = pytest.mark.kafka
@@ -256,14 +256,9 @@ def _country_on(settings: Settings, partition: int) -> str:
 def _caught_up(settings: Settings, partitions: Iterable[int]) -> bool:
     """Every record now on these partitions was handled: the group's committed offset is at each one's end (a
     worker commits a batch only after its notices and state are on the broker)."""
-    client = bus.admin(settings)
-    try:
-        group = settings.topics.worker_group
-        offsets = client.list_group_offsets(group).get(group, {})
-    finally:
-        client.close()
-    committed = {tp.partition: o.offset for tp, o in offsets.items() if tp.topic == settings.topics.measurements}
-    return all(committed.get(p, -1) >= _end_offset(settings, p) for p in partitions)
+    view = _view(settings)
+    committed = view.committed()
+    return all(committed.get(p, -1) >= view.end_offset(p) for p in partitions)
 
 
 def _changelog(settings: Settings) -> dict[str, object]:
@@ -277,14 +272,7 @@ def _state_marker(settings: Settings, partition: int = 0) -> int:
 
 
 def _end_offset(settings: Settings, partition: int = 0) -> int:
-    from kafka import TopicPartition
-
-    c = bus.consumer(settings, group_id=None)
-    try:
-        tp = TopicPartition(settings.topics.measurements, partition)
-        return int(c.end_offsets([tp])[tp])
-    finally:
-        c.close()
+    return _view(settings).end_offset(partition)
 
 
 def _committed_state(settings: Settings) -> dict[str, Any]:
@@ -293,13 +281,24 @@ def _committed_state(settings: Settings) -> dict[str, Any]:
 
 
 def _committed(settings: Settings) -> int:
-    client = bus.admin(settings)
-    try:
-        group = settings.topics.worker_group
-        offsets = client.list_group_offsets(group).get(group, {})
-        return max((o.offset for o in offsets.values()), default=0)
-    finally:
-        client.close()
+    return max(_view(settings).committed().values(), default=0)
+
+
+_VIEWS: dict[str, BrokerView] = {}  # per test's topic prefix; closed after each test
+
+
+def _view(settings: Settings) -> BrokerView:
+    view = _VIEWS.get(settings.topic_prefix)
+    if view is None:
+        view = _VIEWS[settings.topic_prefix] = BrokerView(settings)
+    return view
+
+
+@pytest.fixture(autouse=True)
+def _close_views() -> Iterator[None]:
+    yield
+    while _VIEWS:
+        _VIEWS.popitem()[1].close()
 
 
 def test_dead_letter_ratio_cap_stops_the_worker_without_discarding_the_rest(
