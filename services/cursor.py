@@ -5,7 +5,8 @@ The API filters on the probe's start time and late uploads appear "in the past",
 
 * ``since``: the high-water start time up to which everything that had arrived has been produced;
 * ``seen``: the uids already produced (or dead-lettered) whose start time is still inside the look-back
-  overlap, so the overlap is not produced twice. Older entries are pruned: the API no longer returns them.
+  overlap, so the overlap is not produced twice. Older entries are pruned once the regular rounds no longer get
+  them and the late sweep has passed them (the poller says when: ``Poller._sweep_overlap``).
   They are kept as 72-bit digests grouped by start second, ~20 bytes each in the record instead of ~90: the
   record is one Kafka message (1 MB by default), and a busy country can have tens of thousands of uids in six
   hours (a record past half the limit is logged at WARNING, with what to do).

@@ -214,7 +214,7 @@ class Poller:
         # Everything that had arrived by `now` was read: the next round may start `lookback` behind it.
         until = datetime.strptime(params["until"], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
         cursor.advance_to(min(now, until))
-        cursor.prune(self.lookback)
+        cursor.prune(self.lookback + self._sweep_overlap())
         try:
             self._save(cursor)
         except (KafkaError, TimeoutError) as exc:
@@ -244,8 +244,9 @@ class Poller:
         The API cannot filter on arrival, so the sweep re-reads ``poll_late_sweep_seconds`` before the regular
         window and keeps the items whose uid says they were received since the last sweep (less a margin: the
         API shows them minutes later) and that were already later than the look-back then. An item late by
-        about the look-back can be produced by both paths (within ``SWEEP_MARGIN`` plus a poll interval); the
-        worker recognises it by its uid. None when no sweep ran; the sweep's round otherwise.
+        about the look-back is also one a regular round produced: the cursor keeps those uids until the sweep has
+        passed them (``_sweep_overlap``), so it is a duplicate here. None when no sweep ran; the sweep's round
+        otherwise.
         """
         s = self.settings
         if s.poll_late_sweep_seconds <= 0:
@@ -402,6 +403,17 @@ class Poller:
         result.deadlettered += len(dead)
         if fresh or dead:
             self._save(cursor)
+
+    def _sweep_overlap(self) -> timedelta:
+        """How long past the look-back the cursor keeps produced uids, so the late sweep recognises what a regular
+        round produced. A regular round catches an item started as early as the look-back before the previous
+        round (up to a poll interval and a round's time before the item became visible); the first sweep that
+        looks at it runs up to a sweep interval and a poll interval after that. Margins cover the API's delay
+        and the round's time. About 300 uids an hour for Cambodia: kilobytes."""
+        s = self.settings
+        if s.poll_late_sweep_seconds <= 0:
+            return timedelta(0)
+        return 2 * SWEEP_MARGIN + timedelta(seconds=s.poll_late_sweep_every_seconds + 2 * s.poll_interval_seconds)
 
     def _late_arrival(self, item: Any, after: datetime) -> datetime | None:
         """The receive time of an item a late sweep must produce: received after ``after`` and later than the

@@ -192,13 +192,16 @@ def test_restart_mid_run_with_late_items_neither_skips_nor_repeats(kafka_setting
     expected = [i["measurement_uid"] for i in items + late + later]
     assert len(uids) == len(set(uids))
     assert sorted(uids) == sorted(expected)
-    # The cursor on its compacted topic holds the overlap, not the whole history.
+    # The cursor on its compacted topic holds the overlap (and what the late sweep may still read), not the whole
+    # history of 40 hours.
     stored = bus.read_compacted(settings, settings.topics.poller_cursor)
     cursor = CountryCursor.from_bytes(stored[b"KH"] or b"")
     assert cursor.since is not None and cursor.since >= NOW - timedelta(seconds=5)
-    edge = cursor.query_since(timedelta(hours=6))
+    kept = timedelta(hours=6) + second._sweep_overlap()
+    assert timedelta(hours=6) < kept < timedelta(hours=8)
+    edge = cursor.query_since(kept)
     assert cursor.seen and all(t > edge for t in cursor.seen.values())
-    assert edge >= NOW - timedelta(hours=6, seconds=2)
+    assert edge >= NOW - kept - timedelta(seconds=2)
 
 
 def test_late_sweep_produces_uploads_later_than_the_look_back_once_even_across_a_crash(
@@ -206,7 +209,8 @@ def test_late_sweep_produces_uploads_later_than_the_look_back_once_even_across_a
 ) -> None:
     """A probe offline through a shutdown uploads its queue a day later: the regular rounds cannot see it (its
     start times are before the look-back); the hourly late sweep produces it, and neither a sweep cut short and
-    repeated by a new process nor the regular rounds produce anything twice."""
+    repeated by a new process nor the regular rounds produce anything twice, not even an item late by about the
+    look-back, which both see."""
     clock = [NOW]
     on_time = kh_series(NOW - timedelta(hours=3), 3)
     late_before = metric("censorwatch_poller_late_uploads_total", {"cc": "KH"})
@@ -222,10 +226,13 @@ def test_late_sweep_produces_uploads_later_than_the_look_back_once_even_across_a
                 make_item(start=NOW - timedelta(hours=30, minutes=i), received=arrived, seq=5000 + i) for i in range(12)
             ]
             slightly = [make_item(start=NOW - timedelta(hours=2), received=arrived, seq=6000)]  # the look-back's
-            api.add_items(queued + slightly)
+            # Late by about the look-back: a regular round produces it, and the sweep later reads it as late too.
+            lookback = timedelta(seconds=settings.poll_lookback_seconds)
+            band = [make_item(start=arrived - lookback + timedelta(minutes=5), received=arrived, seq=7000)]
+            api.add_items(queued + slightly + band)
             clock[0] = NOW + timedelta(minutes=30)
             r = first.poll_once()[0]
-            assert r.produced == 1 and r.late is None  # not an hour since the last sweep
+            assert r.produced == 2 and r.late is None  # not an hour since the last sweep
         finally:
             first.close()
         clock[0] = NOW + timedelta(hours=1, minutes=5)
@@ -242,13 +249,15 @@ def test_late_sweep_produces_uploads_later_than_the_look_back_once_even_across_a
             r = again.poll_once()[0]
             assert r.complete and r.produced == 0
             assert r.late is not None and r.late.complete and r.late.produced == len(queued) - 5
+            # the cut sweep's five, and the band item: the cursor still knew that a regular round produced it
+            assert r.late.duplicates == 5 + 1
             clock[0] = NOW + timedelta(hours=2, minutes=10)
             r = again.poll_once()[0]
             assert r.late is not None and r.late.complete and r.late.produced == 0 and r.late.pages >= 3
         finally:
             again.close()
     uids = [m.uid for _, m in measurements(settings)]
-    assert sorted(uids) == sorted(i["measurement_uid"] for i in on_time + queued + slightly)
+    assert sorted(uids) == sorted(i["measurement_uid"] for i in on_time + queued + slightly + band)
     assert metric("censorwatch_poller_late_uploads_total", {"cc": "KH"}) == late_before + len(queued)
 
 
