@@ -371,7 +371,7 @@ class Renderer:
             def lines(raws: list[tuple[str, str | None]]) -> str:
                 out = []
                 for raw, link in raws or [(none, None)]:
-                    text = esc(escape.one_line(raw))
+                    text = esc(escape.one_line(raw)) or "—"  # an empty entry still shows as one
                     if fmt is Fmt.HTML:
                         tail = f" ({escape.html_link(link, 'Explorer')})" if link and escape.safe_url(link) else ""
                         out.append(f"<li>{text}{tail}</li>")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +42,18 @@ class RawItem:
     error: str | None = None
 
 
+class Unreadable(ValueError):
+    """The file's content cannot be read at all (e.g. gzip that is truncated or corrupt)."""
+
+
 def _open_text(path: Path) -> bytes:
     data = path.read_bytes()
-    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    if data[:2] != b"\x1f\x8b":
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+        raise Unreadable(f"not a readable gzip file ({type(exc).__name__}: {exc})") from None
 
 
 def _page_results(data: Any) -> list[Any] | None:
@@ -63,8 +73,13 @@ def iter_items(path: Path | str) -> Iterator[RawItem]:
     dead-letter it and go on. A missing file raises ``OSError``.
     """
     path = Path(path)
-    data = _open_text(path)
     name = path.name
+    try:
+        data = _open_text(path)
+    except Unreadable as exc:  # one dead letter for the whole file: there are no lines to tell apart
+        head = path.read_bytes()[:256].decode("utf-8", errors="backslashreplace")
+        yield RawItem(name, None, head, str(exc))
+        return
     stripped = data.lstrip()
     if stripped[:1] in (b"{", b"["):
         try:

@@ -410,3 +410,20 @@ def test_digest_lines_links_and_silences_are_inert(
     # the plain-text part is one line per item: hostile CR/LF cannot forge lines
     lines = [ln for ln in mail.text.splitlines() if ln.startswith("- ")]
     assert len(lines) >= len(items) + len(silences)
+
+
+def test_a_truncated_gzip_file_is_one_dead_letter_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(gzip.compress(orjson.dumps(_good_item()) + b"\n")[:12])  # found by hypothesis: b"\x1f\x8b"
+    rows = list(read_measurements(path))
+    assert len(rows) == 1
+    raw, letter = rows[0]
+    assert isinstance(letter, DeadLetter) and "not a readable gzip file" in letter.reason
+    assert letter.source == raw.source == "cut.jsonl.gz"
+
+
+def test_an_empty_digest_entry_is_still_one_line() -> None:
+    items = [DigestItem("opened", "", None, None)]
+    mail = _RENDERER.digest("2023-07-23", "team", items, [""])  # found by hypothesis: an empty silence
+    lines = [ln for ln in mail.text.splitlines() if ln.startswith("- ")]
+    assert lines.count("- —") == 2 and "-" not in mail.text.splitlines()  # the other sections say "Nothing."
