@@ -223,6 +223,42 @@ def test_coverage_gap_during_watch_window() -> None:
     assert [e.action for e in events if e.kind == EventKind.COVERAGE_GAP] == [EventAction.OPENED, EventAction.RESOLVED]
 
 
+def test_a_late_upload_from_a_silent_network_does_not_end_its_coverage_gap() -> None:
+    """Found in review: a measurement from the silent time ended the gap, and the next tick re-opened it."""
+    window = Window.of(WatchWindow(name="vote", start=T0, end=T0 + timedelta(days=30), countries=["KH"], asns=[2]))
+    engine = Engine(DetectionSettings(), DetectionContext(windows=[window]))
+    state: dict[str, Any] = {}
+    notices: list[Event] = []
+
+    def keep(result: StepResult) -> None:
+        apply_changes(state, result.changes)
+        notices.extend(e for e in result.events if e.kind == EventKind.COVERAGE_GAP)
+
+    for m in sorted([msm(h, asn=1) for h in range(40)] + [msm(1, asn=2)], key=lambda m: m.start_time):
+        keep(engine.step(state, m))
+    keep(engine.tick(state, "KH", T0 + timedelta(hours=40)))  # AS2 silent for 39 h: a gap
+    keep(engine.step(state, msm(10, asn=2)))  # uploaded now, measured 30 h ago: still silent since then
+    keep(engine.tick(state, "KH", T0 + timedelta(hours=40, minutes=1)))
+    assert [(e.action, e.version) for e in notices] == [(EventAction.OPENED, 1)]
+    keep(engine.step(state, msm(40.5, asn=2)))  # heard from now
+    assert [(e.action, e.version) for e in notices] == [(EventAction.OPENED, 1), (EventAction.RESOLVED, 2)]
+
+
+def test_a_block_after_the_series_cleared_is_news_even_if_warm_up_saw_one() -> None:
+    """Found in review: "already blocked when monitoring began" stuck to the series, so a new block months later
+    was reported at severity info."""
+    ms = [msm(h, anomaly=True) for h in range(0, 80, 3)]  # blocked through the warm-up: already blocked
+    ms += [msm(h) for h in range(80, 1500, 4)]  # then clean for two months: resolved
+    ms += [msm(1500 + 2 * i, anomaly=True) for i in range(6)]  # a new block
+    _, events, _ = run(ms)
+    seen = [(e.action, e.already_blocked, e.severity) for e in events if e.kind == EventKind.TARGET_BLOCKED]
+    assert seen == [
+        (EventAction.OPENED, True, "info"),
+        (EventAction.RESOLVED, True, "info"),
+        (EventAction.OPENED, False, "warning"),
+    ]
+
+
 def test_watch_window_labels_and_sensitivity() -> None:
     window = Window.of(
         WatchWindow(

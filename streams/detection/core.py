@@ -229,7 +229,11 @@ class Engine:
 
         gkey = gap_state_key(cc, asn)
         gap = state.get(gkey)
-        if gap and gap.get("open"):
+        # A coverage gap ends when the network is heard from again: by a measurement recent enough that the next
+        # tick would not call the network silent. A late upload from the silent time does not end it (the tick
+        # would re-open it at once: a resolved/opened pair for nothing).
+        recent = (float(country["wm"]) - asns[str(asn)][0]) / 3600 < cfg.coverage_gap_hours
+        if gap and gap.get("open") and recent:
             gap = {**gap, "open": False, "v": gap["v"] + 1}
             changes[gkey] = gap
             events.append(
@@ -261,8 +265,8 @@ class Engine:
             obs = obs[bisect_left(obs, latest - keep, key=_obs_time) :][-MAX_OBS:]
         series["o"] = obs
         series["f0"] = min(float(series.get("f0", t)), t)
-        if outcome != FAILURE and t - float(country["t0"]) <= cfg.warmup_hours * 3600:  # warm-up history
-            k_hist, n_hist = series.get("h", [0, 0])
+        if outcome != FAILURE and t - float(country["t0"]) <= cfg.warmup_hours * 3600 and "clr" not in series:
+            k_hist, n_hist = series.get("h", [0, 0])  # warm-up history, until the series first clears
             series["h"] = [k_hist + (1 if bad else 0), n_hist + 1]
         if sim:
             series["sim"] = True
@@ -527,6 +531,9 @@ class Engine:
             series["since"] = now
         if before == BLOCKED and after == STATE_OK:
             series["clr"] = now
+            # The warm-up history says whether a block was there when monitoring began; once the series has
+            # cleared, any later block is new (severity as usual), whatever the warm-up saw.
+            series.pop("h", None)
         series["st"] = after
         if after == STATE_OK:
             series["ok"] = True
