@@ -223,6 +223,36 @@ def test_coverage_gap_during_watch_window() -> None:
     assert [e.action for e in events if e.kind == EventKind.COVERAGE_GAP] == [EventAction.OPENED, EventAction.RESOLVED]
 
 
+@pytest.mark.parametrize("per_day", [1, 2, 3])
+def test_a_sparse_series_clears_on_its_clean_run(per_day: int) -> None:
+    """Found in review: clearing asked for ~11 clean measurements inside 72 h, which a series tested a few times a
+    day (most of Cambodia's) never has: its events stayed open for good. It now also clears on the clean run since
+    its last anomaly, once that anomaly is older than the span and the run meets the same bound."""
+    step = 24 / per_day
+    ms = [msm(i * step) for i in range(10 * per_day)]  # ten clean days
+    ms += [msm(240 + i * step, anomaly=True) for i in range(6)]  # blocked
+    last_bad = 240 + 5 * step
+    ms += [msm(last_bad + (i + 1) * step) for i in range(30 * per_day)]  # then clean for a month
+    state, events, _ = run(ms)
+    assert [e.action for e in events] == [EventAction.OPENED, EventAction.RESOLVED]
+    cleared_at = (events[1].emitted_at - T0).total_seconds() / 3600
+    clean_before = sum(1 for m in ms[-30 * per_day :] if (m.start_time - T0).total_seconds() / 3600 <= cleared_at)
+    assert cleared_at - last_bad >= 72 and clean_before >= 11  # the span, and the bound: 11 clean at z = 1.64
+    assert state["s|KH|38623|www.rfa.org"]["st"] == "ok" and "cr" not in state["s|KH|38623|www.rfa.org"]
+
+
+def test_an_anomaly_inside_the_clean_run_starts_it_again() -> None:
+    ms = [msm(i * 12.0) for i in range(20)]
+    ms += [msm(240 + i * 12.0, anomaly=True) for i in range(6)]
+    ms += [msm(312 + i * 12.0) for i in range(1, 9)]  # eight clean
+    ms += [msm(420, anomaly=True)]  # a stray anomaly: the run starts again
+    ms += [msm(420 + i * 12.0) for i in range(1, 11)]  # ten clean: not yet
+    _, events, _ = run(ms)
+    assert [e.action for e in events] == [EventAction.OPENED]
+    _, events, _ = run([*ms, msm(552)])  # the eleventh, more than 72 h after the stray one
+    assert [e.action for e in events] == [EventAction.OPENED, EventAction.RESOLVED]
+
+
 def test_a_late_upload_from_a_silent_network_does_not_end_its_coverage_gap() -> None:
     """Found in review: a measurement from the silent time ended the gap, and the next tick re-opened it."""
     window = Window.of(WatchWindow(name="vote", start=T0, end=T0 + timedelta(days=30), countries=["KH"], asns=[2]))

@@ -270,6 +270,8 @@ class Engine:
             series["h"] = [k_hist + (1 if bad else 0), n_hist + 1]
         if sim:
             series["sim"] = True
+        if series["st"] == BLOCKED and outcome != FAILURE:
+            self._track_clean_run(series, obs, t_obs, bad, probe)
         evidence = self._evidence(obs, latest, float(series.get("clr", 0.0)))
 
         # Network: is this target failing on this ASN? Many failing at once = outage (inhibits target alerts).
@@ -508,6 +510,18 @@ class Engine:
             probes = len({o[2] for o in recent})
             if len(recent) >= min_n and probes >= cfg.min_probes and high <= cfg.close_threshold:
                 return STATE_OK
+            # A sparse series (a few tests a week) never holds that many in the span: it clears on its clean run
+            # instead, when its last anomaly is older than the span and the run since then meets the same bound.
+            cr = series.get("cr")
+            if cr is not None:
+                last_bad, clean, clean_probes = cr
+                if (
+                    (last_bad is None or last_bad < now - span)
+                    and clean >= min_n
+                    and len(clean_probes) >= cfg.min_probes
+                    and wilson(0, clean, cfg.confidence_z)[1] <= cfg.close_threshold
+                ):
+                    return STATE_OK
             return BLOCKED
         if cfg.confirmed_opens and e["c"]:
             return BLOCKED
@@ -518,6 +532,21 @@ class Engine:
         if event_open and self._supports(e["k"], e["n"]):
             return BLOCKED
         return STATE_OK if floor else INSUFFICIENT
+
+    def _track_clean_run(
+        self, series: dict[str, Any], obs: list[list[Any]], t_obs: float, bad: bool, probe: str
+    ) -> None:
+        """Keep a blocked series' clean run current: ``cr`` = [time of its last anomaly (None: none kept), valid
+        ok measurements since, their first ``min_probes`` distinct probes]. It outlives the observations kept
+        (a week at most), which a series tested once a day needs to clear. ``obs`` already holds this one."""
+        cr = series.get("cr")
+        if cr is None or (bad and (cr[0] is None or t_obs >= cr[0])):
+            series["cr"] = _clean_run(obs, self.cfg.min_probes)  # a new latest anomaly: the run restarts after it
+        elif not bad and (cr[0] is None or t_obs > cr[0]):
+            last_bad, clean, probes = cr
+            if probe not in probes and len(probes) < self.cfg.min_probes:
+                probes = [*probes, probe]
+            series["cr"] = [last_bad, clean + 1, probes]
 
     def _supports(self, k: int, n: int) -> bool:
         """Enough for an ASN to join an event other ISPs opened: a few anomalies and a majority of its tests
@@ -537,6 +566,10 @@ class Engine:
         series["st"] = after
         if after == STATE_OK:
             series["ok"] = True
+        if after != BLOCKED:
+            series.pop("cr", None)
+        elif before != BLOCKED:
+            series["cr"] = _clean_run(series["o"], self.cfg.min_probes)
         if after == BLOCKED and before != BLOCKED:
             # Warm-up: a series first measured within warm-up whose history until now was mostly anomalous was
             # already blocked when monitoring began; a block that starts later (after clean history) is news.
@@ -906,6 +939,22 @@ class Engine:
             simulated=sim,
             emitted_at=_dt(t),
         )
+
+
+def _clean_run(obs: list[list[Any]], min_probes: int) -> list[Any]:
+    """A series' clean run from its observations: [time of the last anomaly (None if none is kept), valid ok
+    measurements after it, their first ``min_probes`` distinct probes (counted from the newest)]."""
+    clean = 0
+    probes: list[str] = []
+    for o in reversed(obs):
+        if o[1] == FAILURE:
+            continue
+        if o[1] != OK:
+            return [o[0], clean, probes]
+        clean += 1
+        if len(probes) < min_probes and o[2] not in probes:
+            probes.append(o[2])
+    return [None, clean, probes]
 
 
 def apply_changes(state: dict[str, Any], changes: Mapping[str, Any | None]) -> None:
