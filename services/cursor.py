@@ -6,7 +6,8 @@ The API filters on the probe's start time and late uploads appear "in the past",
 * ``since``: the high-water start time up to which everything that had arrived has been produced;
 * ``seen``: the uids already produced (or dead-lettered) whose start time is still inside the look-back
   overlap, so the overlap is not produced twice. Older entries are pruned once the regular rounds no longer get
-  them and the late sweep has passed them (the poller says when: ``Poller._sweep_overlap``).
+  them and the late sweep has passed them (the poller says when: ``Poller._sweep_overlap``), after every page
+  as well as after a round, so a backfill of days never holds more than the overlap and a page or two.
   They are kept as 72-bit digests grouped by start second, ~20 bytes each in the record instead of ~90: the
   record is one Kafka message (1 MB by default), and a busy country can have tens of thousands of uids in six
   hours (a record past half the limit is logged at WARNING, with what to do).
@@ -14,7 +15,8 @@ The API filters on the probe's start time and late uploads appear "in the past",
 Uploads later than the look-back are caught by a periodic *late sweep* (``services.poller``), which re-reads
 further back and keeps only items received since the last sweep; the cursor then also holds ``swept`` (where the
 last complete sweep began) and ``late`` (digests of what sweeps produced, by receive time, so a sweep repeated
-after a crash produces nothing twice).
+after a crash produces nothing twice; also those a regular round produced that the next sweep will read as late,
+which ``seen`` may have pruned by then: a catch-up after an outage moves ``since`` hours at once).
 
 It is written after Kafka acknowledged the page's measurements (at-least-once: a crash between the two
 produces that page again, and the worker's uid de-duplication absorbs it).
@@ -207,10 +209,12 @@ class CursorStore:
         data = cursor.to_bytes()
         if len(data) > SIZE_WARNING_BYTES:
             log.warning(
-                "%s: the poll cursor is %d kB (%d uids in the look-back); past Kafka's message limit (1 MB) it "
-                "cannot be saved: shorten poll_lookback_seconds",
+                "%s: the poll cursor is %d kB (%d uids in the look-back and the late sweep's overlap, %d late); past "
+                "Kafka's message limit (1 MB) it cannot be saved: shorten poll_lookback_seconds (or "
+                "poll_late_sweep_every_seconds, which the overlap grows with)",
                 cursor.cc,
                 len(data) // 1024,
                 len(cursor.seen),
+                len(cursor.late),
             )
         bus.send_all(self.producer, self.topic, [(cursor.cc.encode(), data)], timeout)

@@ -8,6 +8,8 @@ person can act on; the caller dead-letters the item and goes on.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -48,6 +50,16 @@ def parse_time(value: Any) -> datetime:
         raise NormaliseError(f"measurement_start_time is not a timestamp: {value[:60]!r}") from None
 
 
+def _shown(value: Any, limit: int = 40) -> str:
+    """A value in a reason: numbers past what orjson reads (``1e309`` is ``inf`` to the lenient page parser,
+    a 400-digit integer stays exact) are named as such instead of printed whole."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"a non-finite number ({value})"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
+        return f"a {len(str(abs(value)))}-digit number"
+    return repr(str(value)[:limit])
+
+
 def parse_asn(value: Any) -> int:
     if isinstance(value, bool):
         raise NormaliseError("probe_asn must be 'AS<number>' or a number, got a boolean")
@@ -56,9 +68,9 @@ def parse_asn(value: Any) -> int:
     elif isinstance(value, str) and (m := _ASN.match(value.strip())):
         asn = int(m.group(1))
     else:
-        raise NormaliseError(f"probe_asn must be 'AS<number>' or a number, got {str(value)[:40]!r}")
+        raise NormaliseError(f"probe_asn must be 'AS<number>' or a number, got {_shown(value)}")
     if not 0 < asn < 2**32:
-        raise NormaliseError(f"probe_asn out of range: {asn}")
+        raise NormaliseError(f"probe_asn out of range: {_shown(asn, 20)}")
     return asn
 
 
@@ -81,7 +93,7 @@ def _flag(item: dict[str, Any], *names: str) -> bool:
                 return True
             if value in ("f", "false", "False", 0, ""):
                 return False
-            raise NormaliseError(f"{name} must be a boolean, got {str(value)[:20]!r}")
+            raise NormaliseError(f"{name} must be a boolean, got {_shown(value, 20)}")
     return False
 
 
@@ -121,8 +133,11 @@ def _scores(item: dict[str, Any]) -> dict[str, Any]:
     if isinstance(scores, str):  # measurement_meta returns scores as a JSON string
         try:
             scores = orjson.loads(scores)
-        except orjson.JSONDecodeError:
-            raise NormaliseError("scores is not valid JSON") from None
+        except orjson.JSONDecodeError as exc:
+            try:  # as lenient as the page parser: escaped lone surrogates, numbers past a double
+                scores = json.loads(scores)
+            except (ValueError, RecursionError):
+                raise NormaliseError(f"scores is not valid JSON ({exc.msg})") from None
     if scores is None:
         return {}
     if not isinstance(scores, dict):

@@ -9,6 +9,7 @@ line and counts in ``censorwatch_poller_errors_total{kind}``; no tracebacks in t
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import random
 import threading
@@ -201,13 +202,31 @@ class OoniClient:
         finally:
             self.in_request = False
 
-    def get_json(self, path_or_url: str, params: Mapping[str, Any] | None = None) -> Any:
-        """GET and parse JSON; a 2xx that is not JSON raises ``MalformedPage`` (counted, not retried)."""
+    def get_json(self, path_or_url: str, params: Mapping[str, Any] | None = None, *, lenient: bool = False) -> Any:
+        """GET and parse JSON; a 2xx that is not JSON raises ``MalformedPage`` (counted, not retried).
+
+        ``lenient``: a body orjson refuses is tried with the standard ``json`` module, which also takes escaped
+        lone surrogates (``"\\udcff"``) and numbers past a double (``1e309`` becomes ``inf``). A list page is
+        asked again every round while it is inside the look-back, so one such item would otherwise make the
+        whole page malformed for good; parsed leniently, the item alone is dead-lettered by ``normalise``.
+        """
         url, body = self.get_bytes(path_or_url, params)
+        return self._parse(url, body, lenient=lenient)
+
+    def _parse(self, url: str, body: bytes, *, lenient: bool = False) -> Any:
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            raise self._malformed(f"body is not valid JSON ({exc.msg} at byte {exc.pos})", url, body) from None
+            reason = f"body is not valid JSON ({exc.msg} at byte {exc.pos})"
+        if lenient:
+            try:
+                data = json.loads(body)
+            except (ValueError, RecursionError):  # JSONDecodeError, bad encoding, an int past 4300 digits
+                pass
+            else:
+                log.debug("OONI API %s: %s; read with the standard json module", _redact(url), reason)
+                return data
+        raise self._malformed(reason, url, body)
 
     def iter_measurement_pages(self, params: Mapping[str, Any]) -> Iterator[Page]:
         """Pages of ``/api/v1/measurements`` following ``metadata.next_url`` until it is null."""
@@ -215,8 +234,8 @@ class OoniClient:
         seen: set[str] = set()
         for _ in range(MAX_PAGES):
             seen.add(url)
-            data = self.get_json(url)
-            page = self._page(url, data)
+            url, body = self.get_bytes(url)
+            page = self._page(url, self._parse(url, body, lenient=True), body)
             yield page
             next_url = page.metadata.get("next_url")
             if next_url is None:
@@ -234,8 +253,8 @@ class OoniClient:
         return data
 
     # -- helpers --------------------------------------------------------------------------------------------
-    def _page(self, url: str, data: Any) -> Page:
-        body = orjson.dumps(data)
+    def _page(self, url: str, data: Any, body: bytes) -> Page:
+        """``body`` as received: a leniently parsed page may hold what orjson cannot write back."""
         if not isinstance(data, dict):
             raise self._malformed(f"page is a JSON {type(data).__name__}, not an object", url, body)
         results = data.get("results")

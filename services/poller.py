@@ -10,6 +10,7 @@ one log line per attempt and a retry next round. SIGTERM/SIGINT abandon the requ
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import signal
 import threading
@@ -86,10 +87,30 @@ def api_time(value: datetime) -> str:
 
 def _item_key(item: Any) -> str:
     """Identity of an item that did not normalise, so it is dead-lettered once, not once per round."""
-    if isinstance(item, dict) and isinstance(item.get("measurement_uid"), str) and item["measurement_uid"]:
-        return str(item["measurement_uid"])[:200]
-    digest = hashlib.sha256(orjson.dumps(item, default=str, option=orjson.OPT_SORT_KEYS)).hexdigest()
-    return f"sha256:{digest[:32]}"
+    uid = item.get("measurement_uid") if isinstance(item, dict) else None
+    if isinstance(uid, str) and uid and _encodable(uid):
+        return uid[:200]
+    try:
+        text = orjson.dumps(item, default=str, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # lone surrogates (a page read by the lenient parser): json escapes them
+        text = json.dumps(item, default=str, sort_keys=True).encode()
+    return f"sha256:{hashlib.sha256(text).hexdigest()[:32]}"
+
+
+def _payload(item: Any) -> str:
+    """The item as JSON text for its dead letter; orjson cannot write lone surrogates, json escapes them."""
+    try:
+        return orjson.dumps(item, default=str).decode()
+    except TypeError:
+        return json.dumps(item, default=str)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _item_time(item: Any, default: datetime) -> datetime:
@@ -214,7 +235,7 @@ class Poller:
         # Everything that had arrived by `now` was read: the next round may start `lookback` behind it.
         until = datetime.strptime(params["until"], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
         cursor.advance_to(min(now, until))
-        cursor.prune(self.lookback + self._sweep_overlap())
+        self._prune(cursor)
         try:
             self._save(cursor)
         except (KafkaError, TimeoutError) as exc:
@@ -241,12 +262,13 @@ class Poller:
         """Every ``poll_late_sweep_every_seconds``: produce what arrived since the last sweep too late for the
         look-back (a probe that was offline for a day, e.g. through a shutdown, uploads its queue when back).
 
-        The API cannot filter on arrival, so the sweep re-reads ``poll_late_sweep_seconds`` before the regular
-        window and keeps the items whose uid says they were received since the last sweep (less a margin: the
-        API shows them minutes later) and that were already later than the look-back then. An item late by
-        about the look-back is also one a regular round produced: the cursor keeps those uids until the sweep has
-        passed them (``_sweep_overlap``), so it is a duplicate here. None when no sweep ran; the sweep's round
-        otherwise.
+        The API cannot filter on arrival, so the sweep re-reads from ``poll_late_sweep_seconds`` before now (data
+        later than that is too late for detection) up to where the regular window begins, and keeps the items
+        whose uid says they were received since the last sweep (less a margin: the API shows them minutes later)
+        and that were already later than the look-back then. An item late by about the look-back is also one a
+        regular round produced, possibly in this very call after an outage: the regular round marks such items in
+        the cursor's ``late`` (``_handle_page``), so they are duplicates here. None when no sweep ran; the sweep's
+        round otherwise.
         """
         s = self.settings
         if s.poll_late_sweep_seconds <= 0:
@@ -353,7 +375,7 @@ class Poller:
                     (
                         key,
                         _item_time(item, now),
-                        DeadLetter.of("normalise", str(exc), item, key=key, source=source),
+                        DeadLetter.of("normalise", str(exc), _payload(item), key=key, source=source),
                     )
                 )
                 continue
@@ -389,11 +411,13 @@ class Poller:
                 cursor.remember_late(m.uid, received_at(m.uid) or now)
             else:
                 cursor.record(m.uid, m.start_time, now)
+                self._mark_for_sweep(cursor, m.uid, m.start_time, now)
         for key, start, _ in dead:
             if sweep:
                 cursor.remember_late(key, received_at(key) or now)  # a sweep's items all have a uid
             else:
                 cursor.remember(key, start)
+                self._mark_for_sweep(cursor, key, start, now)
         metrics.PRODUCED.labels(cc=cc).inc(len(fresh))
         if sweep:
             metrics.LATE_UPLOADS.labels(cc=cc).inc(len(fresh))
@@ -402,7 +426,29 @@ class Poller:
         result.produced += len(fresh)
         result.deadlettered += len(dead)
         if fresh or dead:
+            if not sweep:
+                self._prune(cursor)  # a long backfill moves `since` page by page: keep the record small as it goes
             self._save(cursor)
+
+    def _prune(self, cursor: CountryCursor) -> None:
+        """Forget produced uids the regular rounds can no longer get; ``since`` only grows, so this is safe after
+        any page as well as after a round."""
+        cursor.prune(self.lookback + self._sweep_overlap())
+
+    def _mark_for_sweep(self, cursor: CountryCursor, uid: str, start: datetime, now: datetime) -> None:
+        """A regular round's item that the next late sweep will read as late (received since the last sweep,
+        later than the look-back, inside the sweep's reach) is kept in ``late`` by receive time, as if the sweep
+        had produced it: ``seen`` is pruned by start time against the new ``since``, which a catch-up after an
+        outage moves hours at once, while ``late`` is kept until a sweep has passed the receive time."""
+        s = self.settings
+        if s.poll_late_sweep_seconds <= 0 or cursor.swept is None:  # no sweep, or the next one only sets the mark
+            return
+        arrived = received_at(uid)
+        if arrived is None or arrived <= cursor.swept - SWEEP_MARGIN:
+            return
+        if start > arrived - self.lookback + SWEEP_MARGIN or start < now - timedelta(seconds=s.poll_late_sweep_seconds):
+            return
+        cursor.remember_late(uid, arrived)
 
     def _sweep_overlap(self) -> timedelta:
         """How long past the look-back the cursor keeps produced uids, so the late sweep recognises what a regular

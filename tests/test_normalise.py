@@ -87,6 +87,12 @@ def test_list_item_fields() -> None:
         ({"anomaly": "maybe"}, "anomaly must be a boolean"),
         ({"test_name": "Web Connectivity"}, "test_name"),
         ({"scores": "{not json"}, "scores is not valid JSON"),
+        # what only the lenient page parser reads (json.loads): a clear reason, never a crash
+        ({"input": "https://www.rfa.org/\udcff"}, "input is not valid UTF-8"),
+        ({"scores": '{"analysis": {"blocking_type": "\\udcff"}}'}, "blocking_type is not valid UTF-8"),
+        ({"probe_asn": float("inf")}, r"got a non-finite number \(inf\)"),
+        ({"probe_asn": 10**400}, "out of range: a 401-digit number"),
+        ({"anomaly": float("nan")}, r"anomaly must be a boolean, got a non-finite number \(nan\)"),
     ],
 )
 def test_bad_items_are_refused_with_a_reason(patch: dict, reason: str) -> None:

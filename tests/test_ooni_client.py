@@ -148,6 +148,30 @@ def test_wrong_shape_is_a_malformed_page(api: FakeOoniApi, body: bytes, reason: 
         list(OoniClient(settings_for(api)).iter_measurement_pages({**WINDOW, "limit": 3}))
 
 
+def test_a_page_orjson_refuses_but_json_reads_is_usable(api: FakeOoniApi) -> None:
+    """One item with an escaped lone surrogate or a number past a double must not make the page malformed: the
+    page would be asked again every round and the country would stall on it."""
+    body = (
+        b'{"metadata": {"next_url": null}, "results": [{"input": "https://x.org/\\udcff"}, {"probe_asn": 1e309},'
+        b' {"probe_asn": 123456789012345678901234567890123456789012345678901234567890}]}'
+    )
+    api.push(Fault.raw(200, body), Fault.raw(200, body))
+    before = errors("malformed_page")
+    [page] = list(OoniClient(settings_for(api)).iter_measurement_pages({**WINDOW, "limit": 3}))
+    assert page.results[0]["input"] == "https://x.org/\udcff" and page.results[1]["probe_asn"] == float("inf")
+    assert page.body == body and errors("malformed_page") == before
+    with pytest.raises(MalformedPage, match="not valid JSON"):  # other answers keep the strict parser
+        OoniClient(settings_for(api)).get_json(MEASUREMENTS, {**WINDOW, "limit": 3})
+
+
+@pytest.mark.parametrize("body", [b'{"metadata": {}, "results": [}', b'{"results": [], "metadata": {}} x', b"\xff{}"])
+def test_a_body_neither_parser_reads_is_still_a_malformed_page(api: FakeOoniApi, body: bytes) -> None:
+    api.push(Fault.raw(200, body))
+    with pytest.raises(MalformedPage, match="not valid JSON") as info:
+        list(OoniClient(settings_for(api)).iter_measurement_pages({**WINDOW, "limit": 3}))
+    assert info.value.body == body
+
+
 def test_a_client_error_is_not_retried(api: FakeOoniApi) -> None:
     sleeps = Sleeps()
     with pytest.raises(ClientError) as info:

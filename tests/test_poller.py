@@ -165,6 +165,43 @@ def test_malformed_item_and_page_are_dead_lettered_and_polling_goes_on(kafka_set
     assert metric("censorwatch_deadletter_total", {"stage": "normalise"}) == dl_before + 1
 
 
+def test_an_item_only_the_json_module_reads_is_dead_lettered_alone_and_the_page_goes_through(
+    kafka_settings: Settings,
+) -> None:
+    """The fake writes pages with Python's json: a lone surrogate as ``"\\udcff"``, inf as ``Infinity`` and a
+    400-digit integer as such, all of which orjson refuses. The page is usable; only those items are bad, and
+    each is dead-lettered once, with its reason, not the whole page every round."""
+    good = kh_series(NOW - timedelta(hours=5), 4)
+    surrogate = make_item(start=NOW - timedelta(hours=4, minutes=30), input="https://www.rfa.org/\udcff", seq=91)
+    huge = make_item(start=NOW - timedelta(hours=3, minutes=30), seq=92)
+    huge["probe_asn"] = 10**400
+    infinite = make_item(start=NOW - timedelta(hours=2, minutes=30), seq=93)
+    infinite["anomaly"] = float("inf")
+    odd_uid = make_item(start=NOW - timedelta(hours=1, minutes=30), seq=94)
+    odd_uid["measurement_uid"] += "\udcff"  # keyed by a digest of its content, which orjson cannot write
+    bad = [surrogate, huge, infinite, odd_uid]
+    with FakeOoniApi([*good, *bad]) as api:
+        settings = poller_settings(kafka_settings, api, ["KH"], poll_page_size=4)
+        poller = make_poller(settings)
+        try:
+            first = poller.poll_once()[0]
+            assert first.complete, first.error
+            assert first.produced == len(good) and first.deadlettered == len(bad)
+            second = poller.poll_once()[0]
+            assert second.complete and second.produced == 0 and second.deadlettered == 0
+            assert second.duplicates == len(good) + len(bad)
+        finally:
+            poller.close()
+    assert sorted(m.uid for _, m in measurements(settings)) == sorted(i["measurement_uid"] for i in good)
+    letters = [DeadLetter.from_bytes(r.value) for r in read_topic(settings, settings.topics.deadletter)]
+    assert {d.stage for d in letters} == {"normalise"} and len(letters) == len(bad)
+    reasons = " | ".join(sorted(d.reason for d in letters))
+    for reason in ("input is not valid UTF-8", "a 401-digit number", "non-finite number (inf)", "not a printable"):
+        assert reason in reasons
+    assert sum("\\udcff" in d.payload for d in letters) == 2  # kept as JSON escapes
+    assert sum(str(d.key).startswith("sha256:") for d in letters) == 1
+
+
 def test_restart_mid_run_with_late_items_neither_skips_nor_repeats(kafka_settings: Settings) -> None:
     items = kh_series(NOW - timedelta(hours=40), 36)  # 72 items, page size 5: ~15 pages
     with FakeOoniApi(items) as api:
@@ -259,6 +296,60 @@ def test_late_sweep_produces_uploads_later_than_the_look_back_once_even_across_a
     uids = [m.uid for _, m in measurements(settings)]
     assert sorted(uids) == sorted(i["measurement_uid"] for i in on_time + queued + slightly + band)
     assert metric("censorwatch_poller_late_uploads_total", {"cc": "KH"}) == late_before + len(queued)
+
+
+def test_the_cursor_stays_small_through_a_long_backfill(kafka_settings: Settings) -> None:
+    """The cursor is written after every page; pruned only after a complete round, a backfill of days at a busy
+    country's rate grew it past Kafka's 1 MB message limit in the middle of the round and polling wedged. Every
+    record written keeps about the look-back and the sweep's overlap, not the whole backfill."""
+    start = NOW - timedelta(days=3)
+    items = [make_item(start=start + timedelta(minutes=10 * i, seconds=5), seq=i) for i in range(3 * 24 * 6)]
+    with FakeOoniApi(items) as api:
+        settings = poller_settings(kafka_settings, api, ["KH"], poll_start=start, poll_page_size=20)
+        poller = make_poller(settings)
+        try:
+            r = poller.poll_once()[0]
+            assert r.complete and r.produced == len(items) and r.pages > 20
+            kept = poller.lookback + poller._sweep_overlap()
+        finally:
+            poller.close()
+    records = [CountryCursor.from_bytes(rec.value) for rec in read_topic(settings, settings.topics.poller_cursor)]
+    assert len(records) > 20  # one per page, and the round's
+    bound = kept // timedelta(minutes=10) + 2 * settings.poll_page_size
+    assert max(len(c.seen) for c in records) <= bound < len(items) // 4
+
+
+def test_an_upload_late_during_an_outage_is_produced_once_by_the_catch_up_not_again_by_the_sweep(
+    kafka_settings: Settings,
+) -> None:
+    """After an outage longer than about 1.5 h the catch-up round produces what was uploaded meanwhile, moves
+    ``since`` hours at once and prunes against it; the late sweep in the same call then reads an upload that was
+    later than the look-back: it must know that the catch-up produced it, and so must the sweep after it."""
+    clock = [NOW]
+    with FakeOoniApi(kh_series(NOW - timedelta(hours=1), 1)) as api:
+        settings = poller_settings(kafka_settings, api, ["KH"], poll_start=NOW - timedelta(days=1))
+        poller = make_poller(settings, clock=lambda: clock[0])
+        try:
+            r = poller.poll_once()[0]
+            assert r.complete and r.late is not None and r.late.complete  # the sweep mark is set
+            # The API (or the poller) is away for three hours; just before it is back, a probe uploads a
+            # measurement 8 h old: the catch-up round reads it (its window starts 6 h before the old `since`),
+            # and so do this call's sweep and the next one (received after this sweep's start less the margin).
+            arrived = NOW + timedelta(hours=2, minutes=55)
+            late = make_item(start=arrived - timedelta(hours=8), received=arrived, seq=77)
+            api.add_items([late])
+            clock[0] = NOW + timedelta(hours=3)
+            r = poller.poll_once()[0]
+            assert r.complete and r.produced == 1
+            assert r.late is not None and r.late.complete and r.late.produced == 0 and r.late.duplicates == 1
+            clock[0] = NOW + timedelta(hours=4, minutes=5)  # the next sweep still reads it as late
+            r = poller.poll_once()[0]
+            assert r.late is not None and r.late.complete and r.late.produced == 0 and r.late.duplicates == 1
+            assert len(poller.cursors["KH"].late) <= 1
+        finally:
+            poller.close()
+    uids = [m.uid for _, m in measurements(settings)]
+    assert uids.count(late["measurement_uid"]) == 1
 
 
 def test_future_probe_clock_does_not_move_the_cursor_past_now(kafka_settings: Settings) -> None:
