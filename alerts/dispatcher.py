@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -111,6 +112,7 @@ class Dispatcher:
         self._last_sent: dict[tuple[str, str], float] = {}
         self._outages: dict[str, tuple[str, int, bool]] = {}  # event_id -> (cc, asn, open)
         self._outage_versions: dict[str, int] = {}
+        self._newest: dict[str, tuple[int, bool]] = {}  # event_id -> (newest version seen, resolved)
         self._counts: Counter[str] = Counter()  # since the last heartbeat notice
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
@@ -214,45 +216,54 @@ class Dispatcher:
 
     # ----- one record ----------
     def _handle(self, tp: TopicPartition, rec: ConsumerRecord) -> None:
+        """Handle one record; the offset moves past it only when every receiver was handled.
+
+        On ``Stopping`` (or a crash) ``_next`` stays put, so the record is not committed and the next start
+        delivers it (receivers already done are recognised in the notification log).
+        """
         self._hold(tp, rec.offset)
         try:
-            try:
-                event = Event.from_bytes(rec.value)
-            except Exception as exc:  # any undecodable record: dead-letter it and go on
-                self._deadletter(
-                    f"undecodable event: {type(exc).__name__}: {str(exc)[:500]}",
-                    rec.value or b"",
-                    rec.key.decode("utf-8", "replace") if rec.key else None,
-                    f"{rec.topic}/{rec.partition}/{rec.offset}",
-                )
-                return
-            self._track_outage(event)
-            now = time.monotonic()
-            for plan in routing.route(self.settings, event):
-                rid = plan.receiver.id
-                pair = (event.event_id, rid)
-                if self.log.handled_version(*pair) >= event.version:
-                    metrics.NOTIFICATIONS.labels(plan.receiver.sink, "duplicate").inc()
-                    continue
-                pending = self._pending.get(pair)
-                if pending is not None:  # grouping: the newer version replaces the held one
-                    if event.version >= pending.event.version:
-                        pending.event = event
-                    pending.offsets.append((tp, rec.offset))
-                    self._hold(tp, rec.offset)
-                    continue
-                if pair in self._last_sent or self.log.notified(*pair):
-                    due = self._last_sent.get(pair, 0.0) + plan.group_interval
-                else:
-                    due = now + plan.group_wait
-                if due <= now:
-                    self._deliver(event, plan)
-                else:
-                    self._pending[pair] = Pending(event, plan, due, [(tp, rec.offset)])
-                    self._hold(tp, rec.offset)
+            self._handle_record(tp, rec)
         finally:
-            self._next[tp] = rec.offset + 1
             self._release(tp, rec.offset)
+        self._next[tp] = rec.offset + 1
+
+    def _handle_record(self, tp: TopicPartition, rec: ConsumerRecord) -> None:
+        try:
+            event = Event.from_bytes(rec.value)
+        except Exception as exc:  # any undecodable record: dead-letter it and go on
+            self._deadletter(
+                f"undecodable event: {type(exc).__name__}: {str(exc)[:500]}",
+                rec.value or b"",
+                rec.key.decode("utf-8", "replace") if rec.key else None,
+                f"{rec.topic}/{rec.partition}/{rec.offset}",
+            )
+            return
+        self._track_outage(event)
+        self._track_newest(event)
+        now = time.monotonic()
+        for plan in routing.route(self.settings, event):
+            rid = plan.receiver.id
+            pair = (event.event_id, rid)
+            if self.log.handled_version(*pair) >= event.version:
+                metrics.NOTIFICATIONS.labels(plan.receiver.sink, "duplicate").inc()
+                continue
+            pending = self._pending.get(pair)
+            if pending is not None:  # grouping: the newer version replaces the held one
+                if event.version >= pending.event.version:
+                    pending.event = event
+                pending.offsets.append((tp, rec.offset))
+                self._hold(tp, rec.offset)
+                continue
+            if pair in self._last_sent or self.log.notified(*pair):
+                due = self._last_sent.get(pair, 0.0) + plan.group_interval
+            else:
+                due = now + plan.group_wait
+            if due <= now:
+                self._deliver(event, plan)
+            else:
+                self._pending[pair] = Pending(event, plan, due, [(tp, rec.offset)])
+                self._hold(tp, rec.offset)
 
     def _flush_due(self) -> None:
         now = time.monotonic()
@@ -272,10 +283,23 @@ class Dispatcher:
             self._outage_versions[event.event_id] = event.version
             self._outages[event.event_id] = (event.cc, event.asn, event.action is not EventAction.RESOLVED)
 
+    def _track_newest(self, event: Event) -> None:
+        if event.version >= self._newest.get(event.event_id, (0, False))[0]:
+            self._newest[event.event_id] = (event.version, event.action is EventAction.RESOLVED)
+
+    def _closed(self, event_id: str, receiver: str) -> bool:
+        """Resolved for this receiver or overall, whether or not the "resolved" notice was sent: no reminders."""
+        latest = self.log.latest_handled(event_id, receiver)
+        if latest is not None and latest.action is EventAction.RESOLVED:
+            return True
+        return self._newest.get(event_id, (0, False))[1]
+
     def _rebuild_outages(self) -> None:
         for value in self.log.entries.values():
             if value.get("type") == "notice" and "event" in value:
-                self._track_outage(Event.model_validate(value["event"]))
+                event = Event.model_validate(value["event"])
+                self._track_outage(event)
+                self._track_newest(event)
 
     def _inhibited(self, event: Event) -> bool:
         """An open outage on (cc, ASN) explains a target blocked only on that ASN: don't page for both."""
@@ -303,6 +327,22 @@ class Dispatcher:
             },
         )
 
+    def _record_reminder(self, event: Event, plan: Plan, at: datetime, status: str, **extra: Any) -> None:
+        """A reminder's own entry: never the notice's key, whose "sent" status says the receiver was told."""
+        self.log.write(
+            f"{notice_key(event, plan.receiver.id)}#reminder#{at.isoformat()}",
+            {
+                "type": "reminder",
+                "event_id": event.event_id,
+                "version": event.version,
+                "receiver": plan.receiver.id,
+                "sink": plan.receiver.sink,
+                "status": status,
+                "event": event.model_dump(mode="json"),
+                **extra,
+            },
+        )
+
     def _deliver(self, event: Event, plan: Plan) -> None:
         """Deliver one notice to one receiver, or record why not. Raises ``Stopping`` only while waiting."""
         sink, rid = plan.receiver.sink, plan.receiver.id
@@ -318,7 +358,7 @@ class Dispatcher:
         if event.action is EventAction.RESOLVED and not self.log.notified(event.event_id, rid):
             self._record(event, plan, "skipped", reason="resolved before any notice reached this receiver")
             return
-        extra = self._attempt(event, plan, lambda: self._send(event, plan, reminder=False))
+        extra = self._attempt(event, plan, lambda: self._send(event, plan))
         if extra is None:
             return
         self._record(event, plan, "sent", **extra)
@@ -326,8 +366,13 @@ class Dispatcher:
         if self.after_send is not None:
             self.after_send(notice_key(event, rid))
 
-    def _attempt(self, event: Event, plan: Plan, send: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
-        """Try ``send`` until it works or the sink's time is up; None when the notice was dead-lettered."""
+    def _attempt(
+        self, event: Event, plan: Plan, send: Callable[[], dict[str, Any]], reminder_at: datetime | None = None
+    ) -> dict[str, Any] | None:
+        """Try ``send`` until it works or the sink's time is up; None when the notice was dead-lettered.
+
+        A reminder (``reminder_at``) is recorded under its own key, so its failure never hides the notice.
+        """
         sink = plan.receiver.sink
         max_seconds = {
             "slack": self.settings.slack.max_retry_seconds,
@@ -355,7 +400,10 @@ class Dispatcher:
                     log.error("%s to %s dead-lettered (%s): %s", event.notice_key, plan.receiver.id, why, exc)
                     self._deadletter(f"{plan.receiver.id}: {why}: {exc}", event.to_bytes(), event.notice_key, sink)
                     metrics.NOTIFICATIONS.labels(sink, "deadlettered").inc()
-                    self._record(event, plan, "deadlettered", reason=str(exc)[:500])
+                    if reminder_at is None:
+                        self._record(event, plan, "deadlettered", reason=str(exc)[:500])
+                    else:
+                        self._record_reminder(event, plan, reminder_at, "deadlettered", reason=str(exc)[:500])
                     return None
                 log.warning("%s to %s failed (%s); retrying in %.1f s", event.notice_key, plan.receiver.id, exc, wait)
                 if self._stop.wait(wait):
@@ -367,8 +415,9 @@ class Dispatcher:
             self._counts["delivered"] += 1
             return extra
 
-    def _send(self, event: Event, plan: Plan, reminder: bool) -> dict[str, Any]:
+    def _send(self, event: Event, plan: Plan, reminder_at: datetime | None = None) -> dict[str, Any]:
         r = plan.receiver
+        reminder = reminder_at is not None
         renderer = self.renderer(plan.language)
         if r.sink == "console":
             self.console.deliver(event, renderer, reminder)
@@ -397,7 +446,9 @@ class Dispatcher:
             if self.email is None:
                 raise DeliveryError("email is not enabled", transient=False)
             to = routing.addresses(self.settings, r)
-            key = notice_key(event, r.id) + ("#reminder" if reminder else "")
+            key = notice_key(event, r.id)
+            if reminder_at is not None:  # each reminder its own Message-ID, or mail clients drop the repeats
+                key += f"#reminder#{reminder_at.isoformat()}"
             self.email.send(to, renderer.email(event, reminder), key=key, thread=event.event_id)
             return {}
         raise DeliveryError(f"unknown sink {r.sink!r}", transient=False)
@@ -490,27 +541,16 @@ class Dispatcher:
         """Long blocks: remind each receiver every ``repeat_interval`` while the event stays open."""
         now = datetime.now(UTC)
         for event_id, rid, event, at in list(self.log.latest_sent()):
-            if event.action is EventAction.RESOLVED or (event_id, rid) in self._pending:
+            if event.action is EventAction.RESOLVED or self._closed(event_id, rid) or (event_id, rid) in self._pending:
                 continue
             plan = next((p for p in routing.route(self.settings, event) if p.receiver.id == rid), None)
             if plan is None or plan.repeat_interval <= 0 or now - at < timedelta(seconds=plan.repeat_interval):
                 continue
             if self.silences.matching(event) is not None or self._inhibited(event):
                 continue
-            extra = self._attempt(event, plan, lambda e=event, p=plan: self._send(e, p, reminder=True))  # type: ignore[misc]
+            extra = self._attempt(event, plan, partial(self._send, event, plan, reminder_at=now), reminder_at=now)
             if extra is not None:
-                self.log.write(
-                    f"{notice_key(event, rid)}#reminder#{now.isoformat()}",
-                    {
-                        "type": "reminder",
-                        "event_id": event_id,
-                        "version": event.version,
-                        "receiver": rid,
-                        "status": "sent",
-                        "event": event.model_dump(mode="json"),
-                        **extra,
-                    },
-                )
+                self._record_reminder(event, plan, now, "sent", **extra)
 
     def _digests(self, now: datetime) -> None:
         """Once a day per recipient: what opened, changed, resolved, went quiet or was silenced."""
@@ -557,8 +597,11 @@ def digest_items(nlog: NotificationLog, receiver: str, start: datetime, renderer
             section = "resolved"
         else:
             section = "changed"
-        at = datetime.fromisoformat(value["at"])
-        items.append(DigestItem(section, renderer.headline(event), at, chart_url(event)))
+        try:  # one odd event (dates out of range, ...) must not stop the digest or the dispatcher
+            at = datetime.fromisoformat(value["at"])
+            items.append(DigestItem(section, renderer.headline(event), at, chart_url(event)))
+        except Exception as exc:
+            log.warning("digest for %s: skipped %s (%s: %s)", receiver, event.notice_key, type(exc).__name__, exc)
     return items
 
 

@@ -34,7 +34,9 @@ class NotificationLog:
         self._versions: dict[tuple[str, str], int] = {}
         self._roots: dict[tuple[str, str], SlackThread] = {}
         self._notified: set[tuple[str, str]] = set()
-        self._latest: dict[tuple[str, str], dict[str, Any]] = {}  # last sent notice or reminder per key
+        self._latest: dict[tuple[str, str], dict[str, Any]] = {}  # last sent notice or reminder per pair
+        self._handled: dict[tuple[str, str], dict[str, Any]] = {}  # newest notice per pair, whatever its status
+        self._reminded: dict[tuple[str, str], datetime] = {}  # last sent notice or reminder try per pair
 
     def load(self) -> int:
         for key, value in bus.read_compacted(self.settings, self.topic).items():
@@ -50,11 +52,18 @@ class NotificationLog:
             self._roots[pair] = SlackThread(str(value["channel"]), str(value["ts"]))
         elif kind == "notice":
             self._versions[pair] = max(self._versions.get(pair, 0), int(value["version"]))
-        if kind in ("notice", "reminder") and value.get("status") == "sent":
+            prev = self._handled.get(pair)
+            if prev is None or (value["version"], value["at"]) >= (prev["version"], prev["at"]):
+                self._handled[pair] = value
+        sent = value.get("status") == "sent"
+        if kind in ("notice", "reminder") and sent:
             self._notified.add(pair)
             prev = self._latest.get(pair)
             if prev is None or (value["version"], value["at"]) >= (prev["version"], prev["at"]):
                 self._latest[pair] = value
+        if (kind == "notice" and sent) or kind == "reminder":  # a failed reminder waits a whole interval too
+            at = datetime.fromisoformat(value["at"])
+            self._reminded[pair] = max(self._reminded.get(pair, at), at)
 
     def write(self, key: str, value: dict[str, Any]) -> None:
         """Persist one entry and wait for the broker's ack (so it is durable before the offset commit)."""
@@ -75,16 +84,21 @@ class NotificationLog:
     def root(self, event_id: str, receiver: str) -> SlackThread | None:
         return self._roots.get((event_id, receiver))
 
+    def latest_handled(self, event_id: str, receiver: str) -> Event | None:
+        """The newest version handled for this receiver, sent or not: a silenced "resolved" still ends the event."""
+        value = self._handled.get((event_id, receiver))
+        return Event.model_validate(value["event"]) if value is not None and "event" in value else None
+
     def latest_sent(self) -> Iterator[tuple[str, str, Event, datetime]]:
-        """(event_id, receiver, latest event sent, when) per pair: what reminders are rebuilt from."""
-        for (event_id, receiver), value in self._latest.items():
+        """(event_id, receiver, latest event sent, last reminder clock) per pair: what reminders are rebuilt from.
+
+        The clock is the last sent notice or reminder *attempt*, so a dead-lettered reminder is not retried on
+        every loop turn but after another ``repeat_interval``.
+        """
+        for pair, value in self._latest.items():
             if "event" in value:
-                yield (
-                    event_id,
-                    receiver,
-                    Event.model_validate(value["event"]),
-                    datetime.fromisoformat(value["at"]),
-                )
+                at = self._reminded.get(pair) or datetime.fromisoformat(value["at"])
+                yield (*pair, Event.model_validate(value["event"]), at)
 
     def since(self, start: datetime) -> Iterator[dict[str, Any]]:
         for value in self.entries.values():

@@ -7,6 +7,7 @@ say what was silenced and why.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -16,6 +17,8 @@ from alerts.routing import matches
 from censorwatch import bus
 from censorwatch.config import AlertMatch, Settings
 from censorwatch.models import Event, Wire, utcnow
+
+log = logging.getLogger(__name__)
 
 
 class Silence(Wire):
@@ -48,13 +51,25 @@ class SilenceStore:
         self.silences: dict[str, Silence] = {}
 
     def load(self) -> list[Silence]:
+        """Read every silence; an invalid record is logged and skipped, never a reason to stop the dispatcher.
+
+        Parsed into a new dict and swapped in, so a failed read leaves the silences known before intact.
+        """
         latest = bus.read_compacted(self.settings, self.topic)
-        self.silences = {}
-        for value in latest.values():
-            if value:
+        silences: dict[str, Silence] = {}
+        for key, value in latest.items():
+            if not value:
+                continue
+            try:
                 s = Silence.from_bytes(value)
-                self.silences[s.id] = s
-        return sorted(self.silences.values(), key=lambda s: s.created_at)
+            except Exception as exc:  # a hand-written or foreign record: skip it, keep the others
+                name = key.decode("utf-8", "replace") if key else "?"
+                why = " ".join(str(exc).split())[:300]
+                log.warning("silence %r skipped: not a valid silence (%s)", name[:100], why)
+                continue
+            silences[s.id] = s
+        self.silences = silences
+        return sorted(silences.values(), key=lambda s: s.created_at)
 
     def _write(self, silence: Silence) -> Silence:
         p = bus.producer(self.settings)

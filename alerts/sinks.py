@@ -245,12 +245,15 @@ class EmailSink:
                 )
             else:
                 smtp = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.timeout_seconds)
-            with smtp:
+            try:
                 if s.starttls and not s.ssl:
                     smtp.starttls(context=ssl.create_default_context())
                 if s.username:
                     smtp.login(s.username, s.password.get_secret_value() if s.password else "")
                 smtp.send_message(msg, from_addr=s.sender, to_addrs=recipients)
+            except BaseException:
+                _quit(smtp)  # its own failure must not replace the real error
+                raise
         except smtplib.SMTPRecipientsRefused as exc:
             codes = [code for code, _ in exc.recipients.values()]
             raise DeliveryError(
@@ -264,3 +267,17 @@ class EmailSink:
             raise DeliveryError(f"smtp: {exc}", transient=False) from None
         except (smtplib.SMTPException, OSError) as exc:
             raise DeliveryError(f"smtp: {type(exc).__name__}: {exc}", transient=True) from None
+        # The server accepted the message: a failing QUIT must not make us send it again or dead-letter it.
+        _quit(smtp)
+
+
+def _quit(smtp: smtplib.SMTP) -> None:
+    """Say goodbye and close; a QUIT that fails (or is answered with anything but 221) changes nothing."""
+    try:
+        code, reply = smtp.docmd("QUIT")
+        if code != 221:
+            log.info("smtp: QUIT answered %d %r; ignored", code, reply[:200])
+    except (smtplib.SMTPException, OSError) as exc:
+        log.info("smtp: QUIT failed (%s); ignored", exc)
+    finally:
+        smtp.close()
