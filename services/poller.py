@@ -97,6 +97,11 @@ def _item_key(item: Any) -> str:
     return f"sha256:{hashlib.sha256(text).hexdigest()[:32]}"
 
 
+def _is_uid(item: dict[str, Any]) -> bool:
+    uid = item.get("measurement_uid")
+    return isinstance(uid, str) and bool(uid)
+
+
 def _payload(item: Any) -> str:
     """The item as JSON text for its dead letter; orjson cannot write lone surrogates, json escapes them."""
     try:
@@ -311,11 +316,26 @@ class Poller:
         now: datetime,
         sweep_after: datetime | None = None,
     ) -> bool:
-        """Fetch and produce every page of a request; False (with ``result.error``) if the round was cut short."""
+        """Fetch and produce every page of a request; False (with ``result.error``) if the round was cut short.
+
+        Pages follow an offset, so rows that shift under it while a request is read (an item removed, a page
+        served twice) skip items; the only sign is a page repeating items of an earlier page of the same request.
+        The next round re-reads the look-back before ``now``, which recovers a skip there; a repeat older than
+        that (a backfill, a catch-up, a sweep) ends the request before the page, and the next round resumes from
+        the cursor, which has not passed the skipped items.
+        """
         cc = cursor.cc
+        read: set[str] = set()  # uids of this request's pages so far
         try:
             for page in self.client.iter_measurement_pages(params):
                 result.pages += 1
+                uids = {i["measurement_uid"]: i for i in page.results if isinstance(i, dict) and _is_uid(i)}
+                again = [_item_time(item, now) for uid, item in uids.items() if uid in read]
+                if again and min(again) < now - self.lookback:
+                    result.error = "rows shifted under the page offset (a page repeated items of an earlier one)"
+                    log.warning("%s: %s; the next round resumes from the cursor", cc, result.error)
+                    return False
+                read.update(uids)
                 self._handle_page(cursor, page, result, now, sweep_after)
                 if self.stop_event.is_set():
                     result.error = "stopped"

@@ -165,6 +165,28 @@ def test_malformed_item_and_page_are_dead_lettered_and_polling_goes_on(kafka_set
     assert metric("censorwatch_deadletter_total", {"stage": "normalise"}) == dl_before + 1
 
 
+def test_a_page_repeated_in_a_backfill_ends_the_round_and_the_next_one_gets_what_it_skipped(
+    kafka_settings: Settings,
+) -> None:
+    """Found in review: a page served twice in a round longer than the look-back skipped a page for good (the
+    next round's look-back does not reach back that far). The repeat now ends the request before that page."""
+    start = NOW - timedelta(days=2)
+    items = [make_item(start=start + timedelta(minutes=30 * i, seconds=5), seq=i) for i in range(2 * 48)]
+    with FakeOoniApi(items) as api:
+        settings = poller_settings(kafka_settings, api, ["KH"], poll_start=start, poll_page_size=20)
+        api.push(Fault.repeated_page(when={"probe_cc": "KH", "offset": "40"}))  # page 3 = page 2; its own skipped
+        poller = make_poller(settings)
+        try:
+            first = poller.poll_once()[0]
+            assert not first.complete and "rows shifted" in str(first.error) and first.produced == 40
+            second = poller.poll_once()[0]
+            assert second.complete and second.produced == len(items) - 40
+        finally:
+            poller.close()
+    uids = [m.uid for _, m in measurements(settings)]
+    assert sorted(uids) == sorted(i["measurement_uid"] for i in items)
+
+
 def test_an_item_only_the_json_module_reads_is_dead_lettered_alone_and_the_page_goes_through(
     kafka_settings: Settings,
 ) -> None:
