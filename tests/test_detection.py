@@ -223,6 +223,16 @@ def test_coverage_gap_during_watch_window() -> None:
     assert [e.action for e in events if e.kind == EventKind.COVERAGE_GAP] == [EventAction.OPENED, EventAction.RESOLVED]
 
 
+def test_a_redelivery_older_than_a_busy_series_keeps_is_not_counted_again() -> None:
+    """Found in review: a series keeps at most 240 observations; a second delivery of an older one was not
+    recognised (its uid was gone) and counted again as late data."""
+    ms = [msm(i / 4) for i in range(4 * 72)]  # four an hour for three days: 288, more than a series keeps
+    engine = Engine(DetectionSettings())
+    state, _, _ = run_offline(engine, ms)
+    again = engine.step(state, ms[4])  # one hour in, inside the revision window, no longer in the series
+    assert again.counters == {"too_late": 1} and not again.changes and not again.events
+
+
 @pytest.mark.parametrize("per_day", [1, 2, 3])
 def test_a_sparse_series_clears_on_its_clean_run(per_day: int) -> None:
     """Found in review: clearing asked for ~11 clean measurements inside 72 h, which a series tested a few times a

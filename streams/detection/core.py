@@ -212,6 +212,10 @@ class Engine:
             if obs[i][4] == uid or obs[i][4] == short_uid:
                 return StepResult({}, [], {"duplicate": 1})
             i += 1
+        if len(obs) >= MAX_OBS and t_obs < obs[0][0]:
+            # Older than everything a busy series keeps: it could not count there, and a second delivery of it
+            # could not be told from a first (its uid is no longer kept), so it would count twice elsewhere.
+            return StepResult({}, [], {"too_late": 1})
         late = t < wm - cfg.late_after_seconds
         counters: dict[str, int] = {}
         changes: dict[str, Any | None] = {}
