@@ -326,6 +326,12 @@ class Settings(BaseSettings):
         "detection revises evidence with data up to detection.revision_window_hours late",
     )
     poll_late_sweep_every_seconds: float = Field(default=3600.0, gt=0, description="time between late sweeps")
+    poll_api_delay_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description="how long the API may take to show a measurement after its collector received it: the late "
+        "sweep's margin (an upload shown later than this, late by about the look-back, would be missed)",
+    )
     poll_start: datetime | None = Field(default=None, description="first start: poll from here (UTC)")
     poll_initial_lookback_seconds: float = Field(default=24 * 3600.0, ge=0)
     poll_page_size: int = Field(default=500, ge=1, le=10000)

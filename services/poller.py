@@ -44,7 +44,6 @@ from services.ooni_client import (
 
 log = logging.getLogger(__name__)
 
-SWEEP_MARGIN = timedelta(minutes=15)  # the API shows a measurement some minutes after its uid's receive time
 MAX_WINDOW = timedelta(days=179)  # the API refuses windows over 180 days (HTTP 400)
 KAFKA_TIMEOUT = 30.0
 
@@ -146,6 +145,8 @@ class Poller:
         self.clock = clock
         self.enricher = enricher
         self.lookback = timedelta(seconds=settings.poll_lookback_seconds)
+        # The API shows a measurement some time after its uid's receive time: the late sweep allows this much.
+        self.margin = timedelta(seconds=settings.poll_api_delay_seconds)
         self.cursors: dict[str, CountryCursor] = {}
         self.store: CursorStore | None = None
         self.rounds = 0
@@ -269,11 +270,11 @@ class Poller:
 
         The API cannot filter on arrival, so the sweep re-reads from ``poll_late_sweep_seconds`` before now (data
         later than that is too late for detection) up to where the regular window begins, and keeps the items
-        whose uid says they were received since the last sweep (less a margin: the API shows them minutes later)
-        and that were already later than the look-back then. An item late by about the look-back is also one a
-        regular round produced, possibly in this very call after an outage: the regular round marks such items in
-        the cursor's ``late`` (``_handle_page``), so they are duplicates here. None when no sweep ran; the sweep's
-        round otherwise.
+        whose uid says they were received since the last sweep (less ``poll_api_delay_seconds``: the API shows
+        them some time later) and that were already later than the look-back then. An item late by about the
+        look-back is also one a regular round produced, possibly in this very call after an outage: the regular
+        round marks such items in the cursor's ``late`` (``_handle_page``), so they are duplicates here. None when
+        no sweep ran; the sweep's round otherwise.
         """
         s = self.settings
         if s.poll_late_sweep_seconds <= 0:
@@ -286,9 +287,9 @@ class Poller:
             since = max(now - timedelta(seconds=s.poll_late_sweep_seconds), cursor.floor)
             if since < edge:
                 params = {**self.params(cursor, now), "since": api_time(since), "until": api_time(edge)}
-                if not self._read_pages(cursor, params, sweep, now, sweep_after=cursor.swept - SWEEP_MARGIN):
+                if not self._read_pages(cursor, params, sweep, now, sweep_after=cursor.swept - self.margin):
                     return sweep
-        cursor.swept_at(now, SWEEP_MARGIN)
+        cursor.swept_at(now, self.margin)
         try:
             self._save(cursor)
         except (KafkaError, TimeoutError) as exc:
@@ -464,9 +465,9 @@ class Poller:
         if s.poll_late_sweep_seconds <= 0 or cursor.swept is None:  # no sweep, or the next one only sets the mark
             return
         arrived = received_at(uid)
-        if arrived is None or arrived <= cursor.swept - SWEEP_MARGIN:
+        if arrived is None or arrived <= cursor.swept - self.margin:
             return
-        if start > arrived - self.lookback + SWEEP_MARGIN or start < now - timedelta(seconds=s.poll_late_sweep_seconds):
+        if start > arrived - self.lookback + self.margin or start < now - timedelta(seconds=s.poll_late_sweep_seconds):
             return
         cursor.remember_late(uid, arrived)
 
@@ -479,7 +480,7 @@ class Poller:
         s = self.settings
         if s.poll_late_sweep_seconds <= 0:
             return timedelta(0)
-        return 2 * SWEEP_MARGIN + timedelta(seconds=s.poll_late_sweep_every_seconds + 2 * s.poll_interval_seconds)
+        return 2 * self.margin + timedelta(seconds=s.poll_late_sweep_every_seconds + 2 * s.poll_interval_seconds)
 
     def _late_arrival(self, item: Any, after: datetime) -> datetime | None:
         """The receive time of an item a late sweep must produce: received after ``after`` and later than the
@@ -489,7 +490,7 @@ class Poller:
         if arrived is None or arrived <= after:
             return None
         start = _item_time(item, arrived)
-        return arrived if start <= arrived - self.lookback + SWEEP_MARGIN else None
+        return arrived if start <= arrived - self.lookback + self.margin else None
 
     def _deadletter_page(self, cc: str, exc: MalformedPage) -> None:
         """The page is kept for inspection; the same window is asked again next round."""

@@ -257,7 +257,7 @@ def test_restart_mid_run_with_late_items_neither_skips_nor_repeats(kafka_setting
     cursor = CountryCursor.from_bytes(stored[b"KH"] or b"")
     assert cursor.since is not None and cursor.since >= NOW - timedelta(seconds=5)
     kept = timedelta(hours=6) + second._sweep_overlap()
-    assert timedelta(hours=6) < kept < timedelta(hours=8)
+    assert timedelta(hours=6) < kept < timedelta(hours=10)
     edge = cursor.query_since(kept)
     assert cursor.seen and all(t > edge for t in cursor.seen.values())
     assert edge >= NOW - kept - timedelta(seconds=2)
@@ -372,6 +372,32 @@ def test_an_upload_late_during_an_outage_is_produced_once_by_the_catch_up_not_ag
             poller.close()
     uids = [m.uid for _, m in measurements(settings)]
     assert uids.count(late["measurement_uid"]) == 1
+
+
+def test_an_upload_the_api_shows_late_is_still_swept(kafka_settings: Settings) -> None:
+    """Found in review: the sweep allowed 15 minutes between a measurement's receive time and the API showing it.
+    An upload late by a little less than the look-back and shown 25 minutes after it was received fell between
+    the regular rounds (their window had moved past its start) and the sweep (not late enough for it)."""
+    clock = [NOW]
+    with FakeOoniApi(kh_series(NOW - timedelta(hours=1), 1)) as api:
+        settings = poller_settings(kafka_settings, api, ["KH"])
+        assert settings.poll_api_delay_seconds >= 25 * 60
+        poller = make_poller(settings, clock=lambda: clock[0])
+        try:
+            assert poller.poll_once()[0].late is not None  # sets the sweep's mark
+            arrived = NOW + timedelta(minutes=10)
+            item = make_item(start=arrived - poller.lookback + timedelta(minutes=20), received=arrived, seq=88)
+            clock[0] = NOW + timedelta(minutes=34)
+            assert poller.poll_once()[0].produced == 0  # not shown yet
+            api.add_items([item])  # shown 25 minutes after it was received
+            clock[0] = NOW + timedelta(minutes=35)
+            assert poller.poll_once()[0].produced == 0  # the regular window starts after it now
+            clock[0] = NOW + timedelta(hours=1, minutes=5)
+            r = poller.poll_once()[0]
+            assert r.late is not None and r.late.complete and r.late.produced == 1
+        finally:
+            poller.close()
+    assert [m.uid for _, m in measurements(settings)].count(item["measurement_uid"]) == 1
 
 
 def test_future_probe_clock_does_not_move_the_cursor_past_now(kafka_settings: Settings) -> None:
