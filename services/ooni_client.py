@@ -114,6 +114,7 @@ class OoniClient:
         self.jitter = jitter
         self.timeout = settings.http_timeout_seconds
         self.in_request = False  # read by the poller's signal handler
+        self.not_before: float | None = None  # monotonic time a Retry-After beyond our back-off cap asked us to wait
 
     def close(self) -> None:
         self.session.close()
@@ -144,6 +145,11 @@ class OoniClient:
     def get_bytes(self, path_or_url: str, params: Mapping[str, Any] | None = None) -> tuple[str, bytes]:
         """GET with retries on 429, 5xx, timeouts and connection errors; returns (url, body) of a 2xx."""
         url = path_or_url if "://" in path_or_url else self.url(path_or_url, params)
+        if self.not_before is not None:
+            left = self.not_before - time.monotonic()
+            if left > 0:  # no request at all: every country and round until then would only be refused again
+                raise ApiUnavailable(f"rate-limited: the API asked us to wait {left:.0f} s more (Retry-After)")
+            self.not_before = None
         for attempt in range(1, self.max_attempts + 1):
             if self.stop.is_set():
                 raise Stopped
@@ -173,6 +179,13 @@ class OoniClient:
             if attempt == self.max_attempts:
                 log.warning("OONI API %s: %s (attempt %d/%d); giving up for now", _redact(url), what, attempt, attempt)
                 raise ApiUnavailable(f"{what} after {attempt} attempts: {_redact(url)}")
+            if retry_after is not None and retry_after > self.settings.http_max_backoff_seconds:
+                # Longer than we wait inside a call: honour it across calls instead of asking again sooner.
+                self.not_before = time.monotonic() + retry_after
+                log.warning(
+                    "OONI API %s: %s; Retry-After %.0f s: no requests until then", _redact(url), what, retry_after
+                )
+                raise ApiUnavailable(f"{what}: Retry-After {retry_after:.0f} s, longer than the back-off cap")
             delay = self.backoff(attempt, retry_after)
             log.warning(
                 "OONI API %s: %s (attempt %d/%d); retrying in %.1f s%s",

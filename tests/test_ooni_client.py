@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,23 @@ def test_429_retry_after_really_waited_with_the_default_sleep(api: FakeOoniApi) 
     first, second = api.requests_to()
     assert first.status == 429 and second.status == 200
     assert second.at - first.at >= 0.3
+
+
+def test_a_retry_after_beyond_the_back_off_cap_is_honoured_across_calls(api: FakeOoniApi) -> None:
+    """Found in review: a Retry-After longer than the cap was cut to the cap, and the next country and round asked
+    again at once. Now no request is made until that time."""
+    settings = settings_for(api)
+    api.push(Fault.rate_limited(retry_after=settings.http_max_backoff_seconds + 3000))
+    sleeps = Sleeps()
+    client = OoniClient(settings, sleep=sleeps)
+    with pytest.raises(ApiUnavailable, match="Retry-After"):
+        client.get_json(MEASUREMENTS, {**WINDOW, "limit": 1})
+    with pytest.raises(ApiUnavailable, match="wait"):
+        client.get_json(MEASUREMENTS, {**WINDOW, "limit": 1})
+    assert len(api.requests_to()) == 1 and sleeps.calls == []
+    client.not_before = time.monotonic() - 1  # the time has come
+    assert client.get_json(MEASUREMENTS, {**WINDOW, "limit": 1})["results"]
+    assert len(api.requests_to()) == 2
 
 
 def test_quota_remaining_is_read_from_every_answer(api: FakeOoniApi) -> None:
