@@ -312,27 +312,18 @@ class Dispatcher:
         return any(cc == event.cc and a == asn and is_open for cc, a, is_open in self._outages.values())
 
     # ----- delivery ----------
-    def _record(self, event: Event, plan: Plan, status: str, **extra: Any) -> None:
+    def _record(
+        self, event: Event, plan: Plan, status: str, *, reminder_at: datetime | None = None, **extra: Any
+    ) -> None:
+        """A notice's entry, or a reminder's (``reminder_at``) under its own key: never the notice's, whose "sent"
+        status says the receiver was told."""
+        key = notice_key(event, plan.receiver.id)
+        if reminder_at is not None:
+            key += f"#reminder#{reminder_at.isoformat()}"
         self.log.write(
-            notice_key(event, plan.receiver.id),
+            key,
             {
-                "type": "notice",
-                "event_id": event.event_id,
-                "version": event.version,
-                "receiver": plan.receiver.id,
-                "sink": plan.receiver.sink,
-                "status": status,
-                "event": event.model_dump(mode="json"),
-                **extra,
-            },
-        )
-
-    def _record_reminder(self, event: Event, plan: Plan, at: datetime, status: str, **extra: Any) -> None:
-        """A reminder's own entry: never the notice's key, whose "sent" status says the receiver was told."""
-        self.log.write(
-            f"{notice_key(event, plan.receiver.id)}#reminder#{at.isoformat()}",
-            {
-                "type": "reminder",
+                "type": "notice" if reminder_at is None else "reminder",
                 "event_id": event.event_id,
                 "version": event.version,
                 "receiver": plan.receiver.id,
@@ -400,10 +391,7 @@ class Dispatcher:
                     log.error("%s to %s dead-lettered (%s): %s", event.notice_key, plan.receiver.id, why, exc)
                     self._deadletter(f"{plan.receiver.id}: {why}: {exc}", event.to_bytes(), event.notice_key, sink)
                     metrics.NOTIFICATIONS.labels(sink, "deadlettered").inc()
-                    if reminder_at is None:
-                        self._record(event, plan, "deadlettered", reason=str(exc)[:500])
-                    else:
-                        self._record_reminder(event, plan, reminder_at, "deadlettered", reason=str(exc)[:500])
+                    self._record(event, plan, "deadlettered", reminder_at=reminder_at, reason=str(exc)[:500])
                     return None
                 log.warning("%s to %s failed (%s); retrying in %.1f s", event.notice_key, plan.receiver.id, exc, wait)
                 if self._stop.wait(wait):
@@ -550,7 +538,7 @@ class Dispatcher:
                 continue
             extra = self._attempt(event, plan, partial(self._send, event, plan, reminder_at=now), reminder_at=now)
             if extra is not None:
-                self._record_reminder(event, plan, now, "sent", **extra)
+                self._record(event, plan, "sent", reminder_at=now, **extra)
 
     def _digests(self, now: datetime) -> None:
         """Once a day per recipient: what opened, changed, resolved, went quiet or was silenced."""
