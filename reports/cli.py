@@ -76,6 +76,10 @@ def references(args: argparse.Namespace) -> References:
 
 def make_report(args: argparse.Namespace) -> Report:
     """Fetch or read the input, then build the tables (separate from output so tests can call it)."""
+    if args.min_blocked < 1:
+        raise SourceError(f"--min-blocked must be at least 1, got {args.min_blocked}")
+    if not 0 < args.min_share <= 1:  # also refuses nan
+        raise SourceError(f"--min-share must be more than 0 and at most 1, got {args.min_share}")
     refs = references(args)
     rule = Rule(args.min_blocked, args.min_share)
     files = [Path(f) for f in args.files]
@@ -100,12 +104,16 @@ def make_report(args: argparse.Namespace) -> Report:
         inp = from_measurements(iter_json_items(files), args.country, args.since, args.until)
     if args.until < args.since:
         raise SourceError(f"--until {args.until} is before --since {args.since}")
+    if args.category and not refs.domain_category and args.source != "api" and not inp.domain_category:
+        # without categories every site is UNCAT and the filter would silently leave an empty report
+        raise SourceError(
+            f"--category {args.category} needs --watchlist or --test-list (no categories in the {inp.source})"
+        )
     inp.simulated = inp.simulated or args.simulated
     return build_report(inp, refs, rule)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from reports import render
     from services.ooni_client import OoniError
 
     try:
@@ -113,13 +121,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     except (SourceError, OoniError, OSError) as exc:
         print(f"censorwatch report: {exc}", file=sys.stderr)
         return 2
+    try:
+        write_report(report, args)
+    except OSError as exc:  # --out is a file for csv, a directory for md/html, not writable, ...
+        print(f"censorwatch report: cannot write --out {args.out}: {_out_problem(exc, args)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def write_report(report: Report, args: argparse.Namespace) -> None:
+    """Render in ``args.format`` to stdout or ``args.out`` (a file is overwritten; csv: a directory)."""
+    from reports import render
+
     if args.format == "csv":
         if args.out:
             for path in render.to_csv_files(report, args.out):
                 print(path, file=sys.stderr)
         else:
             sys.stdout.write(render.to_csv_stream(report))
-        return 0
+        return
     if args.format == "html":
         from reports.charts import all_charts
 
@@ -132,4 +152,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(args.out, file=sys.stderr)
     else:
         sys.stdout.write(text)
-    return 0
+
+
+def _out_problem(exc: OSError, args: argparse.Namespace) -> str:
+    if args.format == "csv" and args.out is not None and args.out.exists() and not args.out.is_dir():
+        return "it is a file, and --format csv writes one file per table into a directory"
+    if args.format != "csv" and args.out is not None and args.out.is_dir():
+        return "it is a directory; --format md/html write one file"
+    return exc.strerror or str(exc)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from urllib.parse import urlencode, urlsplit
@@ -45,12 +45,24 @@ class References:
     watch_urls: dict[str, str] = field(default_factory=dict)  # domain -> first watchlist URL
     asn_names: dict[int, str] = field(default_factory=dict)
     categories: set[str] | None = None  # only these category codes (``--category``)
+    home_category: dict[str, str] = field(default_factory=dict)  # domain -> category of its listed home page
 
-    def category_of(self, domain: str, urls: Iterable[str] = ()) -> str | None:
-        for url in urls:
-            if url in self.url_category:
-                return self.url_category[url]
-        return self.domain_category.get(domain)
+    def category_of(self, domain: str, urls: Mapping[str, int] | None = None) -> str | None:
+        """One category per website: its most-measured URL's, so a listed sub-page cannot take over a site.
+
+        Every table is per domain (the API's day and ISP axes know only the domain), so a website counts in one
+        category. The most-measured URL (ties: the smallest URL) gives it: its own list entry if it is listed,
+        else the domain's (see ``domain_default``). Input order of the lists does not matter.
+        """
+        if urls:
+            top = min(urls.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+            if top in self.url_category:
+                return self.url_category[top]
+        return self.domain_default(domain)
+
+    def domain_default(self, domain: str) -> str | None:
+        """The domain's category when no listed URL was measured: its home page's entry, else its first entry."""
+        return self.home_category.get(domain) or self.domain_category.get(domain)
 
 
 def domain_of(url: str) -> str:
@@ -105,9 +117,19 @@ def add_test_list(refs: References, rows: Iterable[tuple[str, str]], *, watch: b
         if code:
             refs.url_category.setdefault(url, code)
             refs.domain_category.setdefault(dom, code)
+            if _is_home_page(url):
+                refs.home_category.setdefault(dom, code)
         if watch and refs.watch_domains is not None:
             refs.watch_domains.add(dom)
             refs.watch_urls.setdefault(dom, url)
+
+
+def _is_home_page(url: str) -> bool:
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return False
+    return parts.path in ("", "/") and not parts.query
 
 
 def explorer_chart_url(cc: str, domain: str, since: date, until: date) -> str:
@@ -201,7 +223,9 @@ def build_report(inp: ReportInput, refs: References, rule: Rule | None = None) -
         methods: Counter[str] = Counter()
         firsts = [ev.first for _, ev in evs if ev.first is not None]
         lasts = [ev.last for _, ev in evs if ev.last is not None]
-        links: list[str] = [explorer_chart_url(inp.cc, dom, inp.since, inp.until)]
+        links: list[str] = [
+            explorer_chart_url(inp.cc, raw, inp.since, inp.until) for raw in inp.domain_spellings.get(dom, [dom])
+        ]
         links.extend(x for x in inp.site_links.get(dom, []) if x not in links)
         for _, ev in evs:
             methods.update(ev.methods)
@@ -268,6 +292,7 @@ def build_report(inp: ReportInput, refs: References, rule: Rule | None = None) -
         matrix={k: ev.counts.blocked for k, ev in blocking.items()},
         rule=rule,
         notes=notes,
+        has_totals=inp.has_totals,
     )
 
 
@@ -276,7 +301,7 @@ def _categories(inp: ReportInput, refs: References) -> dict[str, str]:
     out: dict[str, str] = {}
     domains = {d for _, d in inp.day_domain} | {d for d, _ in inp.pairs} | set(inp.domain_category)
     for dom in domains:
-        code = refs.category_of(dom, inp.domain_urls.get(dom, Counter())) or inp.domain_category.get(dom)
+        code = refs.category_of(dom, inp.domain_urls.get(dom)) or inp.domain_category.get(dom)
         out[dom] = code or UNCATEGORISED
     return out
 

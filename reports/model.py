@@ -112,6 +112,8 @@ class ReportInput:
     domain_urls: dict[str, Counter[str]] = field(default_factory=dict)
     pairs: dict[tuple[str, int], PairEvidence] = field(default_factory=dict)
     site_links: dict[str, list[str]] = field(default_factory=dict)
+    # domain key -> the source's own spellings of it (the API's netloc: case and port kept), for queries and links
+    domain_spellings: dict[str, list[str]] = field(default_factory=dict)
     asn_names: dict[int, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -212,3 +214,4 @@ class Report:
     matrix: dict[tuple[str, int], int]  # (domain, asn) -> blocked measurements, blocking pairs only
     rule: Rule
     notes: list[str]
+    has_totals: bool = True  # False: an event log (categories and months are unknown, not empty)

@@ -130,6 +130,11 @@ def tables(report: Report) -> list[Table]:
     return out
 
 
+def _empty(report: Report, t: Table) -> str:
+    """An empty table: "n/a" where the source cannot know (an event log has no totals), else "(none)"."""
+    return "n/a" if not report.has_totals and t.name in ("categories", "months") else "(none)"
+
+
 def _method_text(report: Report) -> list[str]:
     r = report.rule
     return [
@@ -151,8 +156,15 @@ def _md_cell(v: Cell) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
+def _is_web_link(url: str) -> bool:
+    """Only http(s) becomes a link: an event's ``explorer_links`` could hold ``javascript:`` or ``data:``."""
+    return url.lower().startswith(("https://", "http://"))
+
+
 def _md_links(text: str) -> str:
-    return " ".join(f"[{i + 1}]({u})" for i, u in enumerate(text.split()))
+    return " ".join(
+        f"[{i + 1}]({u})" if _is_web_link(u) else f"`{u.replace('`', '')}`" for i, u in enumerate(text.split())
+    )
 
 
 def to_markdown(report: Report) -> str:
@@ -162,10 +174,7 @@ def to_markdown(report: Report) -> str:
     for t in tables(report):
         lines += [f"## {t.title}", ""]
         if not t.rows:
-            lines += [
-                "(none)" if report.summary.measurements is not None or t.name != "categories" else "n/a",
-                "",
-            ]
+            lines += [_empty(report, t), ""]
             continue
         lines.append("| " + " | ".join(t.headers) + " |")
         lines.append("|" + "---|" * len(t.headers))
@@ -193,9 +202,11 @@ img{max-width:100%;display:block;margin:0.5em 0 1.5em}
 
 def _html_cell(header: str, v: Cell) -> str:
     if header == "explorer_links":
-        return (
-            "<td>" + " ".join(f'<a href="{html.escape(u)}">{i + 1}</a>' for i, u in enumerate(str(v).split())) + "</td>"
+        links = (
+            f'<a href="{html.escape(u)}">{i + 1}</a>' if _is_web_link(u) else html.escape(u)
+            for i, u in enumerate(str(v).split())
         )
+        return "<td>" + " ".join(links) + "</td>"
     cls = ' class="n"' if isinstance(v, int) else ""
     return f"<td{cls}>{html.escape(str(v))}</td>"
 
@@ -216,7 +227,7 @@ def to_html(report: Report, charts: dict[str, bytes] | None = None) -> str:
     for t in tables(report):
         out.append(f"<h2>{html.escape(t.title)}</h2>")
         if not t.rows:
-            out.append("<p>(none)</p>")
+            out.append(f"<p>{_empty(report, t)}</p>")
             continue
         out.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in t.headers) + "</tr></thead>")
         out.append("<tbody>")
@@ -244,13 +255,25 @@ def to_html(report: Report, charts: dict[str, bytes] | None = None) -> str:
 # ---- CSV -----------------------------------------------------------------------------------------
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(v: Cell) -> Cell:
+    """A text cell a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``, tab, CR) gets a leading ``'``.
+
+    Targets, categories and ISP names come from measurements and events anyone can submit.
+    """
+    return "'" + v if isinstance(v, str) and v.startswith(_FORMULA_START) else v
+
+
 def _csv_text(t: Table, simulated: bool) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     headers: Sequence[str] = ("data", *t.headers) if simulated else t.headers
     w.writerow(headers)
     for row in t.rows:
-        w.writerow(("SIMULATED", *row) if simulated else row)
+        cells = [_csv_cell(v) for v in row]
+        w.writerow(("SIMULATED", *cells) if simulated else cells)
     return buf.getvalue()
 
 

@@ -65,11 +65,12 @@ def from_measurements(items: Iterable[tuple[str, Any]], cc: str, since: date, un
     """Aggregate list items (or fastpath rows) of ``web_connectivity`` in the country and period.
 
     Items are normalised with ``services.normalise`` and de-duplicated on ``measurement_uid``; items that
-    do not normalise are counted in a note, as the stream would dead-letter them.
+    do not normalise are counted in a note, as the stream would dead-letter them. If none normalises, the input
+    is not measurements at all (an event log, a wrong file): ``SourceError``, not a report of "0 blocked".
     """
     inp = ReportInput(cc=cc, since=since, until=until, source="recorded measurements")
     seen: set[str] = set()
-    bad = dupes = 0
+    bad = dupes = read = 0
     for where, item in items:
         if isinstance(item, Exception):
             bad += 1
@@ -81,6 +82,7 @@ def from_measurements(items: Iterable[tuple[str, Any]], cc: str, since: date, un
             bad += 1
             log.debug("%s: %s", where, exc)
             continue
+        read += 1
         if m.simulated or (isinstance(item, dict) and item.get("simulated")):
             inp.simulated = True
         day = m.start_time.date()
@@ -103,6 +105,10 @@ def from_measurements(items: Iterable[tuple[str, Any]], cc: str, since: date, un
                 ev.methods[method] += 1
             if len(ev.links) < LINKS_PER_PAIR:
                 ev.links.append(m.explorer_url)
+    if bad and not read:
+        raise SourceError(
+            f"none of the {bad} input items could be read as a measurement (an event log? --source events)"
+        )
     if bad:
         inp.notes.append(f"{bad} input lines could not be read as measurements and were skipped.")
     if dupes:
@@ -130,15 +136,17 @@ def from_events(events: Iterable[Event | SourceError], cc: str, since: date, unt
 
     An event is a sequence of versions; a network counts as blocking if any version in the period showed it
     blocked, with the evidence of its latest such version and the earliest/latest evidence over all of them.
+    If no line is an event, the input is something else (measurements, a wrong file): ``SourceError``.
     """
     inp = ReportInput(cc=cc, since=since, until=until, source="event log", has_totals=False)
     inp.notes.append("An event log records only what the detection engine found: no totals, categories or months.")
-    bad = 0
+    bad = read = 0
     versions: dict[str, list[Event]] = {}
     for ev in events:
         if isinstance(ev, SourceError):
             bad += 1
             continue
+        read += 1
         if ev.kind != EventKind.TARGET_BLOCKED or ev.cc != cc or not ev.target:
             continue
         if ev.test_name and ev.test_name != WEB_TEST:
@@ -173,6 +181,10 @@ def from_events(events: Iterable[Event | SourceError], cc: str, since: date, unt
                     inp.asn_names[a.asn] = a.name
             links = inp.site_links.setdefault(dom, [])
             links.extend(x for x in ev.explorer_links if x not in links)
+    if bad and not read:
+        raise SourceError(
+            f"none of the {bad} input lines could be read as an event (measurements? --source measurements)"
+        )
     if bad:
         inp.notes.append(f"{bad} event log lines could not be read as events and were skipped.")
     return inp
@@ -275,9 +287,11 @@ class AggregationSource:
         refs = refs or References()
         inp = ReportInput(cc=self.cc or "", since=self.since, until=self.until, source="OONI aggregation API")
         for r in self.query("measurement_start_day", "domain"):
-            dom = str(r.get("domain") or "")
+            dom = self._domain(r, inp)
             if dom:
-                inp.day_domain[(_parse_day(r["measurement_start_day"]), dom)] = Counts.from_row(r)
+                inp.day_domain.setdefault((_parse_day(r["measurement_start_day"]), dom), Counts()).add(
+                    Counts.from_row(r)
+                )
         best: dict[str, tuple[int, str]] = {}
         for r in self.query("input", "category_code"):
             url = str(r.get("input") or "")
@@ -291,10 +305,10 @@ class AggregationSource:
                 best[dom] = (n, code)
         inp.domain_category = {d: code for d, (_, code) in best.items()}
         for r in self.query("domain", "probe_asn"):
-            dom = str(r.get("domain") or "")
+            dom = self._domain(r, inp)
             asn = _asn(r.get("probe_asn"))
             if dom and asn:
-                inp.pairs[(dom, asn)] = PairEvidence(counts=Counts.from_row(r))
+                inp.pairs.setdefault((dom, asn), PairEvidence()).counts.add(Counts.from_row(r))
         candidates = sorted({d for (d, _), ev in inp.pairs.items() if rule.blocked(ev.counts) and _watched(d, refs)})
         if len(candidates) > MAX_DETAIL_DOMAINS:
             inp.notes.append(
@@ -303,17 +317,38 @@ class AggregationSource:
             )
             candidates = candidates[:MAX_DETAIL_DOMAINS]
         for dom in candidates:
-            for r in self.query("probe_asn", "blocking_type", domain=dom):
-                ev = inp.pairs.get((dom, _asn(r.get("probe_asn"))))
-                method = method_name(str(r.get("blocking_type") or ""))
-                n = Counts.from_row(r).blocked
-                if ev is not None and method and n:
-                    ev.methods[method] += n
-            for r in self.query("measurement_start_day", "probe_asn", domain=dom):
-                ev = inp.pairs.get((dom, _asn(r.get("probe_asn"))))
-                if ev is not None and Counts.from_row(r).blocked:
-                    ev.see(_parse_day(r["measurement_start_day"]))
+            for raw in inp.domain_spellings.get(dom, [dom]):  # the API filters on its own spelling
+                for r in self.query("probe_asn", "blocking_type", domain=raw):
+                    ev = inp.pairs.get((dom, _asn(r.get("probe_asn"))))
+                    method = method_name(str(r.get("blocking_type") or ""))
+                    n = Counts.from_row(r).blocked
+                    if ev is not None and method and n:
+                        ev.methods[method] += n
+                for r in self.query("measurement_start_day", "probe_asn", domain=raw):
+                    ev = inp.pairs.get((dom, _asn(r.get("probe_asn"))))
+                    if ev is not None and Counts.from_row(r).blocked:
+                        ev.see(_parse_day(r["measurement_start_day"]))
         return inp
+
+    @staticmethod
+    def _domain(row: Mapping[str, Any], inp: ReportInput) -> str:
+        """The row's ``domain`` as a key (lower case, no port), remembering the API's spelling for queries.
+
+        The API's ``domain`` is the URL's netloc as measured (``www.mmpeaceMonitor.org``, ``example.org:8080``);
+        the test lists and the other sources key on the lower-cased hostname.
+        """
+        raw = str(row.get("domain") or "").strip()
+        key = domain_key(raw)
+        if key:
+            spellings = inp.domain_spellings.setdefault(key, [])
+            if raw not in spellings:
+                spellings.append(raw)
+        return key
+
+
+def domain_key(netloc: str) -> str:
+    """``Host:port`` as the lower-cased hostname the lists key on (``domain_of`` for a bare netloc)."""
+    return domain_of(f"//{netloc}") or netloc.strip().lower()
 
 
 def _watched(domain: str, refs: References) -> bool:
