@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 EXPLORER = "https://explorer.ooni.org"
 SIM_MARK = "sim"  # simulated measurements (services/simulate.py): the uid's last part starts with it
@@ -66,6 +66,15 @@ class Measurement(Wire):
         default=None, description="fingerprint that confirmed it locally (enrichment), e.g. 'dns:36.37.242.94'"
     )
     fetched_at: datetime | None = Field(default=None, description="when the poller fetched it")
+
+    @field_validator("start_time", "fetched_at")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        """Times are UTC: a naive one (a hand-made record, another producer) is read as UTC, never as local time,
+        and never compared with an aware one (a TypeError in the worker)."""
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
     @property
     def outcome(self) -> Outcome:

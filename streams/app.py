@@ -24,7 +24,6 @@ import faust
 import orjson
 from faust.streams import _current_event  # private: see process_partition_batch
 from faust.types import TP
-from pydantic import ValidationError
 
 from censorwatch.bus import one_record_per_batch
 from censorwatch.config import Settings
@@ -45,6 +44,14 @@ def tick_record(now: datetime) -> bytes:
 
 class DeadLetterRatioExceeded(RuntimeError):
     """Too much of the recent input is failing: stop loudly instead of dead-lettering everything."""
+
+
+class BatchFailed(RuntimeError):
+    """A batch failed past the per-record guard (the broker refusing a write, a bug): kept for the next start.
+
+    Faust acknowledges a whole ``take_events`` batch when the agent raises, and restarts the agent: the records
+    would be lost without a trace. The agent holds them instead and stops the worker non-zero.
+    """
 
 
 MARKER = "x|committed|"  # + partition: the last source offset whose batch of state writes is complete
@@ -380,7 +387,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
     )
     committed = Committed(state)
     guard = DeadLetterGuard(settings.deadletter_max_ratio)
-    fatal: list[DeadLetterRatioExceeded] = []  # set when the cap trips; the worker then exits non-zero
+    fatal: list[Exception] = []  # the cap tripped or a batch failed: the worker then exits non-zero
     restart: list[tuple[int, int, int]] = []  # (partition, first missing, first seen after): see Continuity
     open_events = OpenEvents(settings.countries)
     continuity = Continuity()
@@ -438,10 +445,17 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
                 by_partition.setdefault(event.message.partition, []).append(event)
             unhandled: list[Any] = []
             for events in by_partition.values():
-                if unhandled or restart:
+                if unhandled or restart or fatal:
                     unhandled += events
                     continue
-                unhandled = await process_partition_batch(events)
+                try:
+                    unhandled = await process_partition_batch(events)
+                except Exception as exc:  # never let Faust acknowledge a batch that was not handled
+                    log.exception("a batch of %d record(s) failed", len(events))
+                    fatal.append(
+                        BatchFailed(f"a batch failed ({type(exc).__name__}: {exc}); it is kept for the next start")
+                    )
+                    unhandled = list(events)
             _current_event.set(None)
             if fatal or restart:
                 hold(unhandled)
@@ -458,8 +472,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         outgoing: list[tuple[Event, Measurement | None]] = []
         unhandled: list[Any] = []
         handled = len(batch)
+        done = state.get(marker_key(batch[0].message.partition))  # records up to here are fully applied
         for i, event in enumerate(batch):
-            raw: bytes = event.value
+            value = event.value
+            raw: bytes = value if isinstance(value, bytes) else b""
             msg = event.message
             source = f"{msg.topic}/{msg.partition}@{msg.offset}"
             if continuity.check(msg.partition, msg.offset) == "gap":
@@ -480,13 +496,18 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
                     unhandled = batch[i:]
                     handled = i
                     break
+            is_tick = raw.startswith(b'{"' + TICK_FIELD.encode())
+            if is_tick and done is not None and msg.offset <= int(done):
+                continue  # a tick read again after a restart: it acted already (measurements are recognised by uid)
             try:
-                if raw.startswith(b'{"' + TICK_FIELD.encode()):
+                if value is None:
+                    raise ValueError("the record has no value")
+                if is_tick:
                     doc = orjson.loads(raw)
                     doc["cc"] = (event.key or b"").decode()
                     raw = orjson.dumps(doc)
                 result, m = handle(view, raw)
-            except (orjson.JSONDecodeError, ValidationError, ValueError, KeyError, TypeError) as exc:
+            except Exception as exc:  # whatever fails for one record is dead-lettered, never acknowledged silently
                 await dead_letter(f"{type(exc).__name__}: {exc}", raw, event.key, source)
                 tripped = guard.record(True)
                 if tripped is not None:
