@@ -284,6 +284,21 @@ def test_a_late_upload_from_a_silent_network_does_not_end_its_coverage_gap() -> 
     assert [(e.action, e.version) for e in notices] == [(EventAction.OPENED, 1), (EventAction.RESOLVED, 2)]
 
 
+def test_a_gap_on_a_named_network_never_measured_ends_with_its_window() -> None:
+    """Found in review: the tick only looked at ASNs seen or named by an active window, so such a gap stayed open."""
+    window = Window.of(WatchWindow(name="vote", start=T0, end=T0 + timedelta(days=2), countries=["KH"], asns=[2]))
+    engine = Engine(DetectionSettings(), DetectionContext(windows=[window]))
+    state: dict[str, Any] = {}
+    notices: list[Event] = []
+    for m in [msm(h, asn=1) for h in range(30)]:
+        apply_changes(state, engine.step(state, m).changes)
+    for hours in (20, 60):  # silent for 20 h inside the window; then the window has ended
+        result = engine.tick(state, "KH", T0 + timedelta(hours=hours))
+        apply_changes(state, result.changes)
+        notices += [e for e in result.events if e.asn == 2]
+    assert [(e.action, e.version) for e in notices] == [(EventAction.OPENED, 1), (EventAction.RESOLVED, 2)]
+
+
 def test_a_block_after_the_series_cleared_is_news_even_if_warm_up_saw_one() -> None:
     """Found in review: "already blocked when monitoring began" stuck to the series, so a new block months later
     was reported at severity info."""

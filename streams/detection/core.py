@@ -378,7 +378,9 @@ class Engine:
         changes: dict[str, Any | None] = {}
         events: list[Event] = []
         starts = [w.start for w in self.ctx.windows if w.active(cc, t)]
-        for asn_s in sorted(set(seen) | {str(a) for a in named}, key=int):
+        # Every ASN a window names, active or not: a gap opened on one never measured must still end with its window.
+        ever_named = {str(a) for w in self.ctx.windows for a in w.asns}
+        for asn_s in sorted(set(seen) | ever_named, key=int):
             asn = int(asn_s)
             last, count = seen.get(asn_s, [max(starts, default=t), 0])
             gkey = gap_state_key(cc, asn)
