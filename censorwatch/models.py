@@ -52,7 +52,7 @@ class Measurement(Wire):
 
     uid: str = Field(min_length=1, max_length=200)
     report_id: str = Field(default="", max_length=200, description="probe run identity (a 'probe')")
-    cc: str = Field(min_length=2, max_length=2)
+    cc: str = Field(pattern=r"^[A-Z]{2}$", description="ISO 3166 alpha-2, upper case (a bounded metric label)")
     asn: int = Field(ge=0)
     test_name: str
     start_time: datetime = Field(description="probe-reported start time, UTC")

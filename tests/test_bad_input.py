@@ -18,6 +18,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from censorwatch.models import DeadLetter, Measurement
 from services.normalise import MAX_INPUT_LENGTH, NormaliseError, normalise, parse_time
@@ -427,3 +428,12 @@ def test_an_empty_digest_entry_is_still_one_line() -> None:
     mail = _RENDERER.digest("2023-07-23", "team", items, [""])  # found by hypothesis: an empty silence
     lines = [ln for ln in mail.text.splitlines() if ln.startswith("- ")]
     assert lines.count("- —") == 2 and "-" not in mail.text.splitlines()  # the other sections say "Nothing."
+
+
+@pytest.mark.parametrize("cc", ["ke", "K1", "ÉÉ", "KEN", ""])
+def test_a_measurement_from_any_producer_has_a_two_letter_country_code(cc: str) -> None:
+    """The worker labels its counters with it: a free 2-character string would be an unbounded label set."""
+    doc = {"uid": "u1", "cc": cc, "asn": 1, "test_name": "telegram", "start_time": "2023-10-15T00:00:00Z"}
+    with pytest.raises(ValidationError, match="cc"):
+        Measurement.model_validate({**doc, "target": "telegram"})
+    assert Measurement.model_validate({**doc, "cc": "KE", "target": "telegram"}).cc == "KE"
