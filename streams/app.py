@@ -559,6 +559,23 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
     async def recount_open_events() -> None:
         open_events.rescan(committed)
 
+    @app.timer(interval=15.0)
+    async def measure_lag() -> None:
+        """How far behind the end of its measurement partitions this worker is (the backlog alert and panel):
+        the end offset less the next offset the agent expects, over the partitions it owns."""
+        tps = [tp for tp in app.consumer.assignment() if tp.topic == topics.measurements]
+        try:
+            ends = await app.consumer.highwaters(*tps) if tps else {}
+        except Exception as exc:  # best effort: the next tick tries again
+            log.debug("consumer lag not measured: %s", exc)
+            return
+        lag = sum(
+            max(0, int(end) - continuity.expected[tp.partition])
+            for tp, end in ends.items()
+            if tp.partition in continuity.expected and end is not None
+        )
+        metrics.CONSUMER_LAG.labels(topics.worker_group, topics.measurements).set(lag)
+
     app.censorwatch_state = committed  # type: ignore[attr-defined]
     app.censorwatch_restart = restart  # type: ignore[attr-defined]
     app.censorwatch_fatal = fatal  # type: ignore[attr-defined]
