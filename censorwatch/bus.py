@@ -10,6 +10,7 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
+from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from censorwatch.config import Settings
@@ -117,28 +118,56 @@ def rewind_group(settings: Settings, group: str, topic: str, offsets: dict[int, 
     """Move a stopped group's committed offsets back to ``offsets`` where they are past them (never forward).
 
     Returns the offsets now committed for those partitions. Used by the worker before it restarts over records
-    that never reached it, whatever its framework committed on the way out.
+    that never reached it, whatever its framework committed on the way out. A broker that still counts a stopped
+    member in the group (Tansu keeps a Faust worker's membership) refuses a commit from outside it: then this
+    joins the group, which makes the broker drop the stale member, and commits as its member.
     """
-    from kafka.structs import OffsetAndMetadata
+    from kafka.errors import CommitFailedError
 
     c = consumer(settings, group_id=group)
     try:
         tps = {p: TopicPartition(topic, p) for p in offsets}
         c.assign(list(tps.values()))
-        now: dict[int, int] = {}
-        rewind = {}
-        for p, tp in tps.items():
-            committed = c.committed(tp)
-            if committed is None or committed > offsets[p]:
-                rewind[tp] = OffsetAndMetadata(offsets[p], "", -1)
-                now[p] = offsets[p]
-            else:
-                now[p] = committed
-        if rewind:
-            c.commit(rewind)
-        return now
+        return _move_back(c, tps, offsets)
+    except CommitFailedError:
+        log.info("group %s still holds a stopped member: joining it to move its offsets back", group)
     finally:
         c.close()
+    c = consumer(settings, topic, group_id=group, partition_assignment_strategy=(_SameProtocol,))
+    try:
+        tps = {p: TopicPartition(topic, p) for p in offsets}
+        deadline = time.monotonic() + 2 * settings.kafka_session_timeout_seconds + 10
+        while not set(tps.values()) <= c.assignment():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"joining group {group} did not assign {sorted(offsets)} in time")
+            c.poll(timeout_ms=200)
+        return _move_back(c, tps, offsets)
+    finally:
+        c.close()
+
+
+class _SameProtocol(RangePartitionAssignor):
+    """Range assignment under the protocol name of the worker's Faust group: a member naming another protocol
+    cannot join it (the stale member's protocol still stands), and a range over one member is every partition."""
+
+    name = "faust"
+
+
+def _move_back(c: KafkaConsumer, tps: dict[int, TopicPartition], offsets: dict[int, int]) -> dict[int, int]:
+    from kafka.structs import OffsetAndMetadata
+
+    now: dict[int, int] = {}
+    rewind = {}
+    for p, tp in tps.items():
+        committed = c.committed(tp)
+        if committed is None or committed > offsets[p]:
+            rewind[tp] = OffsetAndMetadata(offsets[p], "", -1)
+            now[p] = offsets[p]
+        else:
+            now[p] = committed
+    if rewind:
+        c.commit(rewind)
+    return now
 
 
 def read_compacted(settings: Settings, topic: str, timeout: float = 30.0) -> dict[bytes, bytes | None]:

@@ -70,7 +70,7 @@ def _rewind(settings: Settings, first: dict[int, int]) -> object:
     while True:
         try:
             return rewind_group(settings, settings.topics.worker_group, settings.topics.measurements, first)
-        except KafkaError as exc:
+        except (KafkaError, TimeoutError) as exc:
             if time.monotonic() > deadline:
                 log.critical("could not move the group back to %s (%r): records after it may not be read", first, exc)
                 return f"unchanged: {exc!r}"

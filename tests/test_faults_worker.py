@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from censorwatch import bus
 from censorwatch.config import Settings, load_settings
 from censorwatch.models import DeadLetter, Event, Measurement
 from services.replay import read_measurements
-from streams.app import Committed, marker_key
+from streams.app import Committed, marker_key, tick_record
 from streams.detection import DetectionContext, Engine, run_offline
 from tests.conftest import free_port
 from tests.kafka_read import BrokerView, read_topic
@@ -234,6 +235,48 @@ def test_two_workers_share_the_partitions_and_the_survivor_takes_over_a_killed_o
         for key in sorted(k for k in offline_state if k.startswith(f"s|{cc}|")):
             live_uids = [o[4] for o in live_state.get(key, {}).get("o", [])]
             assert live_uids == [o[4] for o in offline_state[key]["o"]], f"{key}: the recovered series differs"
+
+
+def test_ticks_read_again_after_a_restart_do_not_act_twice(
+    broker: object, tmp_path: Path, services: list[Service]
+) -> None:
+    """Found in review: measurements read again are recognised by uid, ticks were not. A tick that opened a
+    coverage gap, read again after the group moved back (a crash before the commit), opened it again. A tick at or
+    below its partition's marker has acted already and is skipped."""
+    window = {
+        "name": "vote",
+        "start": "2023-07-01T00:00:00Z",
+        "end": "2023-07-03T00:00:00Z",
+        "countries": ["XT"],
+        "asns": [64999],  # named by the window, never heard from
+    }
+    settings = _worker_settings(
+        broker.bootstrap,  # type: ignore[attr-defined]
+        tmp_path,
+        countries=["XT"],
+        watch={"windows": [window]},
+    )
+    topic = settings.topics.measurements
+    ticks = [tick_record(datetime(2023, 7, 1, 13, tzinfo=UTC)), tick_record(datetime(2023, 7, 4, tzinfo=UTC))]
+
+    def gap_notices() -> list[tuple[str, int]]:
+        events = [Event.from_bytes(r.value) for r in read_topic(settings, settings.topics.events)]
+        return [(e.action.value, e.version) for e in events if e.kind.value == "coverage_gap" and e.asn == 64999]
+
+    producer = bus.producer(settings)
+    try:
+        services.append(_start(settings, tmp_path / "w1", "worker-1"))
+        bus.send_all(producer, topic, [(b"XT", tick) for tick in ticks], 30)
+        wait_until(lambda: services[0].check() and len(gap_notices()) >= 2, 60, "the gap opened and resolved")
+        assert services[0].stop() == 0
+        # As after a crash before the offsets were committed: the group moves back over both ticks.
+        assert bus.rewind_group(settings, settings.topics.worker_group, topic, {0: 0}) == {0: 0}
+        bus.send_all(producer, topic, [(b"XT", _sentinel("XT").to_bytes())], 30)
+        services.append(_start(settings, tmp_path / "w2", "worker-2"))
+        wait_until(lambda: services[1].check() and _processed(settings, "XT") == 1, 60, "the record after them")
+    finally:
+        producer.close()
+    assert gap_notices() == [("opened", 1), ("resolved", 2)]
 
 
 def _assigned(settings: Settings) -> float:
