@@ -15,20 +15,49 @@ import csv
 import statistics
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from censorwatch.config import DetectionSettings, Settings, load_settings
-from censorwatch.models import Event, EventAction, EventKind, Measurement
-from services.normalise import NormaliseError, normalise
+from censorwatch.models import DeadLetter, Event, EventAction, EventKind, Measurement
+from services.replay import read_measurements
 from streams.detection import DetectionContext, Engine, run_offline
 
 PROGRESS_EVERY = 5000
+TRUE_EVENT = "true_event"
+MUST_NOT_FIRE = ("quiet", "false_positive")  # any alert in such a row is a false alert
+KINDS = (TRUE_EVENT, *MUST_NOT_FIRE)  # every kind ../shared/data/events/README.md documents
+OUTSIDE = "outside_labels"  # the case holding a series' false alerts that fall in no labelled row
+LABEL_COLUMNS = ("dataset", "probe_cc", "probe_asn", "target", "kind", "onset_earliest")
+SIMULATED_BANNER = "**SIMULATED input**: these figures describe a simulation, not real measurements.\n\n"
+
+
+class LabelError(ValueError):
+    """The labels cannot be used (a bad row, named by its line, or none for the data run): a scorecard that
+    silently skipped them would report figures for cases nobody checked."""
+
+
+@dataclass(frozen=True)
+class Label:
+    """One parsed label row; times are UTC-aware so they compare with alert times."""
+
+    line: int
+    dataset: str
+    cc: str
+    asn: int
+    target: str
+    kind: str
+    onset_earliest: datetime
+    onset_latest: datetime
+    end_earliest: datetime | None
+    end_latest: datetime | None
+    onset_text: str
+    end_text: str
 
 
 @dataclass(frozen=True)
@@ -68,20 +97,23 @@ class Scorecard:
     notices: Counter[str] = field(default_factory=Counter)
     counters: Counter[str] = field(default_factory=Counter)
     cases: list[Case] = field(default_factory=list)
+    simulated: bool = False  # decided from the input, so a run that alerted nothing is still labelled
 
     @property
     def true_cases(self) -> list[Case]:
-        return [c for c in self.cases if c.kind == "true_event"]
+        return [c for c in self.cases if c.kind == TRUE_EVENT]
 
     @property
     def quiet_cases(self) -> list[Case]:
-        return [c for c in self.cases if c.kind == "quiet"]
+        """Must-not-fire rows (``quiet``, ``false_positive``): their spans are the quiet series-weeks."""
+        return [c for c in self.cases if c.kind in MUST_NOT_FIRE]
 
     def summary(self) -> dict[str, Any]:
         true, quiet = self.true_cases, self.quiet_cases
         detected = [c for c in true if c.alerts]
         latencies = [c.latency_hours for c in detected if c.latency_hours is not None]
         weeks = sum(c.weeks for c in quiet)
+        false_alerts = sum(c.alerts for c in self.cases if c.kind != TRUE_EVENT)
         return {
             "measurements": self.measurements,
             "unreadable": self.unreadable,
@@ -92,40 +124,40 @@ class Scorecard:
             "recall": round(len(detected) / len(true), 3) if true else None,
             "median_latency_hours": round(statistics.median(latencies), 1) if latencies else None,
             "quiet_series_weeks": round(weeks, 1),
-            "false_alerts": sum(c.alerts for c in quiet),
-            "false_alerts_per_quiet_series_week": round(sum(c.alerts for c in quiet) / weeks, 4) if weeks else None,
+            "false_alerts": false_alerts,
+            "false_alerts_per_quiet_series_week": round(false_alerts / weeks, 4) if weeks else None,
             "alerts_per_true_event": round(sum(c.alerts for c in detected) / len(detected), 2) if detected else None,
             "max_alerts_per_true_event": max((c.alerts for c in true), default=0),
             "failed_cases": sum(1 for c in self.cases if not c.passed),
         }
 
 
-def read_items(paths: Iterable[Path]) -> Iterator[tuple[str, Any]]:
-    """(dataset name, JSON item or None if unreadable) for every line of every JSONL file, in file order."""
-    for path in paths:
-        with path.open("rb") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                try:
-                    yield path.name.removesuffix(".jsonl"), orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    yield path.name.removesuffix(".jsonl"), None
+def dataset_name(path: Path) -> str:
+    """The name labels use for a file: ``ke-telegram-2023.jsonl.gz`` is dataset ``ke-telegram-2023``."""
+    name = path.name.removesuffix(".gz")
+    return name.removesuffix(".jsonl").removesuffix(".json")
 
 
 def load_measurements(paths: list[Path], *, progress: bool = False) -> tuple[list[Measurement], int]:
-    """Normalised measurements of all files, sorted by start time (as the poller would deliver them)."""
+    """Normalised measurements of all files, sorted by start time (as the poller would deliver them).
+
+    Reads through ``services.replay`` so the backtest takes exactly what ``replay`` takes (gzip, saved pages,
+    JSONL); anything it would dead-letter is counted as unreadable.
+    """
     out: list[Measurement] = []
     bad = 0
-    for i, (_, item) in enumerate(read_items(paths), start=1):
-        try:
-            out.append(normalise(item))
-        except NormaliseError:
-            bad += 1
-        if progress and i % PROGRESS_EVERY == 0:
-            print(f"\rbacktest: read {i} measurements", end="", file=sys.stderr, flush=True)
-    if progress and out:
-        print(f"\rbacktest: read {len(out) + bad} measurements", file=sys.stderr, flush=True)
+    i = 0
+    for path in paths:
+        for _, result in read_measurements(path):
+            i += 1
+            if isinstance(result, DeadLetter):
+                bad += 1
+            else:
+                out.append(result)
+            if progress and i % PROGRESS_EVERY == 0:
+                print(f"\rbacktest: read {i} measurements", end="", file=sys.stderr, flush=True)
+    if progress and i:
+        print(f"\rbacktest: read {i} measurements", file=sys.stderr, flush=True)
     out.sort(key=lambda m: (m.start_time, m.uid))
     return out, bad
 
@@ -146,52 +178,151 @@ def asn_alerts(events: Iterable[Event]) -> list[Alert]:
     return out
 
 
-def _time(text: str) -> datetime | None:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+def _time(text: str, column: str, where: str) -> datetime | None:
+    """A label time as UTC: a date alone is 00:00 UTC, a time without a zone is UTC."""
+    if not text:
+        return None
+    try:
+        at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise LabelError(f"{where}: {column} {text!r} is not an ISO date or time") from None
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+def parse_label(row: Mapping[str | None, Any], line: int, source: str = "labels") -> Label:
+    """One CSV row as a ``Label``, or a ``LabelError`` naming the row and what is wrong with it."""
+    where = f"{source} line {line}"
+    v = {k: (val or "").strip() if isinstance(val, str) or val is None else "" for k, val in row.items() if k}
+    for column in LABEL_COLUMNS:
+        if not v.get(column):
+            raise LabelError(f"{where}: {column} is empty")
+    kind = v["kind"].lower()
+    if kind not in KINDS:
+        raise LabelError(f"{where}: unknown kind {v['kind']!r} (expected one of {', '.join(KINDS)})")
+    cc = v["probe_cc"].upper()
+    if len(cc) != 2 or not cc.isascii() or not cc.isalpha():
+        raise LabelError(f"{where}: probe_cc {v['probe_cc']!r} is not a two-letter country code")
+    asn_text = v["probe_asn"].upper().removeprefix("AS")
+    if not asn_text.isdigit():
+        raise LabelError(f"{where}: probe_asn {v['probe_asn']!r} is not an ASN (AS12345 or 12345)")
+    onset_earliest = _time(v["onset_earliest"], "onset_earliest", where)
+    assert onset_earliest is not None  # checked non-empty above
+    onset_latest = _time(v.get("onset_latest", ""), "onset_latest", where) or onset_earliest
+    end_earliest = _time(v.get("end_earliest", ""), "end_earliest", where)
+    end_latest = _time(v.get("end_latest", ""), "end_latest", where)
+    if onset_latest < onset_earliest:
+        raise LabelError(f"{where}: onset_latest is before onset_earliest")
+    if end_latest is not None and end_earliest is None:
+        raise LabelError(f"{where}: end_latest is set but end_earliest is empty")
+    if end_earliest is not None and end_latest is not None and end_latest < end_earliest:
+        raise LabelError(f"{where}: end_latest is before end_earliest")
+    if (end_earliest or end_latest or onset_latest) < onset_latest:
+        raise LabelError(f"{where}: the end bracket starts before onset_latest")
+    return Label(
+        line,
+        v["dataset"],
+        cc,
+        int(asn_text),
+        v["target"],
+        kind,
+        onset_earliest,
+        onset_latest,
+        end_earliest,
+        end_latest,
+        v["onset_earliest"],
+        v.get("end_latest") or "(end of data)",
+    )
+
+
+def load_labels(path: Path) -> list[Label]:
+    """Every row of a labels CSV, all checked: a bad row stops the run instead of dropping out of the scores."""
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in LABEL_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise LabelError(f"{path}: missing column(s) {', '.join(missing)}")
+        return [parse_label(row, reader.line_num, str(path)) for row in reader]
+
+
+def _true_window(label: Label, at: datetime) -> bool:
+    """A hit lies between onset_earliest and end_earliest; an empty end_latest (blocking outlasted the data)
+    leaves it open. An alert inside the end bracket is not counted as finding the event: it may be after it."""
+    if at < label.onset_earliest:
+        return False
+    return label.end_latest is None or label.end_earliest is None or at <= label.end_earliest
+
+
+def _quiet_window(label: Label, at: datetime, data_end: datetime | None) -> bool:
+    end = label.end_latest or data_end
+    return label.onset_earliest <= at and (end is None or at <= end)
 
 
 def score(
-    events: list[Event], labels: list[dict[str, str]], datasets: set[str], data_end: datetime | None
+    events: list[Event],
+    labels: Sequence[Label | Mapping[str | None, Any]],
+    datasets: set[str],
+    data_end: datetime | None,
 ) -> list[Case]:
-    """Compare alerts with each label row of the datasets that were run."""
-    alerts = asn_alerts(events)
-    cases: list[Case] = []
-    for row in labels:
-        if row["dataset"] not in datasets or row["kind"] not in ("true_event", "quiet"):
-            continue
-        asn = int(row["probe_asn"].upper().removeprefix("AS"))
-        start = _time(row["onset_earliest"])
-        end = _time(row["end_latest"]) or data_end
-        assert start is not None
-        case = Case(
-            row["dataset"],
-            row["probe_cc"],
-            asn,
-            row["target"],
-            row["kind"],
-            row["onset_earliest"],
-            row["end_latest"] or "(end of data)",
-        )
-        hits = [
-            a
-            for a in alerts
-            if (a.cc, a.asn, a.target) == (case.cc, asn, case.target) and a.at >= start and (end is None or a.at <= end)
-        ]
-        case.alerts = len(hits)
-        case.opened_notices = len({a.event_id for a in hits if a.action == "opened"})
-        if hits:
-            case.first_alert = hits[0].at.isoformat()
-        if case.kind == "true_event":
-            onset = _time(row["onset_latest"]) or start
-            if hits:
-                case.latency_hours = round((hits[0].at - onset).total_seconds() / 3600, 1)
+    """Compare alerts with each label row of the datasets that were run.
+
+    Every alert on a labelled series counts once: as the detection of the true event whose window holds it,
+    otherwise as a false alert (in the must-not-fire row holding it, or in the series' ``outside_labels`` case),
+    so an alert can neither count twice nor slip between rows. Raw CSV rows are parsed (and checked) here.
+    """
+    alerts = sorted(asn_alerts(events), key=lambda a: a.at)
+    parsed = [lb if isinstance(lb, Label) else parse_label(lb, i) for i, lb in enumerate(labels, start=2)]
+    rows = [lb for lb in parsed if lb.dataset in datasets]
+    cases: dict[Label, Case] = {}
+    firsts: dict[Label, datetime] = {}
+    series: dict[tuple[str, str, int, str], list[Label]] = {}
+    for lb in rows:
+        cases[lb] = Case(lb.dataset, lb.cc, lb.asn, lb.target, lb.kind, lb.onset_text, lb.end_text)
+        series.setdefault((lb.dataset, lb.cc, lb.asn, lb.target), []).append(lb)
+    out: list[Case] = list(cases.values())
+    for (dataset, cc, asn, target), group in series.items():
+        stray: list[Alert] = []
+        for a in alerts:
+            if (a.cc, a.asn, a.target) != (cc, asn, target):
+                continue
+            hit = next((lb for lb in group if lb.kind == TRUE_EVENT and _true_window(lb, a.at)), None)
+            if hit is None:
+                hit = next((lb for lb in group if lb.kind in MUST_NOT_FIRE and _quiet_window(lb, a.at, data_end)), None)
+            if hit is None:
+                stray.append(a)
+                continue
+            case = cases[hit]
+            case.alerts += 1
+            case.opened_notices += int(a.action == "opened")
+            if hit not in firsts:
+                firsts[hit] = a.at
+                case.first_alert = a.at.isoformat()
+        if stray:
+            out.append(
+                Case(
+                    dataset,
+                    cc,
+                    asn,
+                    target,
+                    OUTSIDE,
+                    stray[0].at.isoformat(),
+                    stray[-1].at.isoformat(),
+                    alerts=len(stray),
+                    first_alert=stray[0].at.isoformat(),
+                    opened_notices=sum(a.action == "opened" for a in stray),
+                    passed=False,
+                )
+            )
+    for lb, case in cases.items():
+        if lb.kind == TRUE_EVENT:
+            if lb in firsts:  # an alert inside the onset bracket has latency 0: the block may already be on
+                hours = (firsts[lb] - lb.onset_latest).total_seconds() / 3600
+                case.latency_hours = round(max(hours, 0.0), 1)
             case.passed = case.alerts == 1
         else:
-            span = ((end or start) - start).total_seconds()
-            case.weeks = max(span, 0.0) / (7 * 86400)
+            end = lb.end_latest or data_end or lb.onset_earliest
+            case.weeks = max((end - lb.onset_earliest).total_seconds(), 0.0) / (7 * 86400)
             case.passed = case.alerts == 0
-        cases.append(case)
-    return cases
+    return out
 
 
 def backtest(
@@ -203,17 +334,26 @@ def backtest(
     progress: bool = False,
     tick_every: timedelta | None = None,
 ) -> tuple[Scorecard, list[Event]]:
-    """Run the engine over the files and score it; returns the scorecard and every notice."""
+    """Run the engine over the files and score it; returns the scorecard and every notice.
+
+    Raises ``LabelError`` when a label row is unusable or none is for the files run (nothing would be scored).
+    """
     measurements, bad = load_measurements(paths, progress=progress)
     engine = Engine(settings or DetectionSettings(), context)
     _, events, counters = run_offline(engine, measurements, tick_every=tick_every)
-    card = Scorecard(measurements=len(measurements), unreadable=bad, counters=counters)
+    card = Scorecard(
+        measurements=len(measurements),
+        unreadable=bad,
+        counters=counters,
+        simulated=any(m.simulated for m in measurements),
+    )
     card.events = len({e.event_id for e in events})
     card.notices = Counter(f"{e.kind.value}:{e.action.value}" for e in events)
     if labels_path is not None:
-        with labels_path.open(newline="", encoding="utf-8") as fh:
-            labels = list(csv.DictReader(fh))
-        datasets = {p.name.removesuffix(".jsonl") for p in paths}
+        labels = load_labels(labels_path)
+        datasets = {dataset_name(p) for p in paths}
+        if not any(lb.dataset in datasets for lb in labels):
+            raise LabelError(f"{labels_path}: no label row is for the data run ({', '.join(sorted(datasets))})")
         data_end = measurements[-1].start_time if measurements else None
         card.cases = score(events, labels, datasets, data_end)
     return card, events
@@ -222,6 +362,7 @@ def backtest(
 def render_markdown(card: Scorecard) -> str:
     s = card.summary()
     lines = [
+        *([SIMULATED_BANNER.rstrip("\n"), ""] if card.simulated else []),
         "# Detection backtest scorecard",
         "",
         f"{s['measurements']} measurements ({s['unreadable']} unreadable), notices: "
@@ -249,14 +390,14 @@ def render_markdown(card: Scorecard) -> str:
 
 
 def render_json(card: Scorecard) -> str:
-    doc = {"summary": card.summary(), "cases": [asdict(c) for c in card.cases]}
+    doc = {"simulated": card.simulated, "summary": card.summary(), "cases": [asdict(c) for c in card.cases]}
     return orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n"
 
 
 def build_parser(sub: Any) -> None:
     """Register ``backtest`` on the censorwatch CLI."""
     p = sub.add_parser("backtest", help="score the detection engine on recorded, labelled measurements")
-    p.add_argument("data", nargs="+", type=Path, metavar="DATA", help="list-item JSONL files")
+    p.add_argument("data", nargs="+", type=Path, metavar="DATA", help="list-item JSONL (or .gz) or saved pages")
     p.add_argument("--labels", type=Path, help="labels CSV (events/labels.csv format)")
     p.add_argument("--format", choices=["md", "json"], default="md")
     p.add_argument("--out", type=Path, help="write the scorecard here (default: stdout)")
@@ -265,17 +406,19 @@ def build_parser(sub: Any) -> None:
 
 def cmd_backtest(args: argparse.Namespace) -> int:
     settings: Settings = load_settings(**({"config_file": args.config} if args.config else {}))
-    card, events = backtest(
-        args.data,
-        args.labels,
-        settings.detection,
-        DetectionContext.from_settings(settings),
-        progress=True,
-        tick_every=timedelta(hours=1),
-    )
+    try:
+        card, _ = backtest(
+            args.data,
+            args.labels,
+            settings.detection,
+            DetectionContext.from_settings(settings),
+            progress=True,
+            tick_every=timedelta(hours=1),
+        )
+    except (LabelError, OSError) as exc:
+        print(f"censorwatch backtest: {exc}", file=sys.stderr)
+        return 2
     text = render_json(card) if args.format == "json" else render_markdown(card)
-    if any(e.simulated for e in events):
-        text = "**SIMULATED input**: these figures describe a simulation, not real measurements.\n\n" + text
     if args.out:
         args.out.write_text(text, encoding="utf-8")
     else:
