@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 from censorwatch.metrics_common import DEADLETTER_TOTAL as DEADLETTER_TOTAL
 
@@ -46,7 +46,13 @@ LAST_SUCCESS = Gauge(
     "Unix time of the last poll round that completed for the country.",
     ["cc"],
 )
-QUOTA_REMAINING = Gauge("censorwatch_poller_api_quota_remaining", "X-RateLimit-Remaining of the last OONI API answer.")
+QUOTA_REMAINING = Gauge(
+    "censorwatch_poller_api_quota_remaining",
+    "X-RateLimit-Remaining of the last OONI API answer; NaN until an answer carried the header.",
+)
+# Not 0: a 0 before the first answer (or from an API that never sends the header) would read as "quota
+# exhausted" and fire CensorwatchApiQuotaExhausted. PromQL comparisons are false for NaN.
+QUOTA_REMAINING.set(float("nan"))
 REQUEST_DURATION = Histogram(
     "censorwatch_poller_request_duration_seconds",
     "Wall time of one HTTP request to the OONI API (every attempt, failed ones too).",
@@ -72,3 +78,16 @@ def init_labels(countries: Iterable[str]) -> None:
         ENRICHMENTS.labels(outcome=outcome)
     for stage in ("poller", "normalise"):
         DEADLETTER_TOTAL.labels(stage=stage)
+
+
+def init_last_success(countries: Iterable[str], started: float) -> None:
+    """Start every country's last-success clock at the poller's start time.
+
+    Without a series a country whose polls never succeed could not be told apart from one not configured, so
+    CensorwatchPollerStalled could not fire for it. The start time, not 0, makes it fire after the usual threshold.
+    A country that already has a value (a success) keeps it.
+    """
+    for cc in countries:
+        child = LAST_SUCCESS.labels(cc=cc)
+        if REGISTRY.get_sample_value("censorwatch_poller_last_success_timestamp_seconds", {"cc": cc}) == 0.0:
+            child.set(started)

@@ -151,6 +151,7 @@ class Poller:
         self.store: CursorStore | None = None
         self.rounds = 0
         metrics.init_labels(settings.countries)
+        metrics.init_last_success(settings.countries, time.time())
 
     # -- life cycle ---------------------------------------------------------------------------------------
     def start(self, retry_seconds: float = 2.0) -> bool:

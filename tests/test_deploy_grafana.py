@@ -203,7 +203,9 @@ def _dispatcher_registry() -> CollectorRegistry:
     for sink in ("console", "slack", "email"):
         notes.labels(sink, "sent").inc(1)
         duration.labels(sink).observe(0.3)
+    for sink in ("console", "slack"):
         last.labels(sink).set_to_current_time()
+    last.labels("email").set(0)  # a sink never used (or disabled): the gauge's initial 0, not a date in 1970
     notes.labels("slack", "failed").inc(1)
     heartbeat.set_to_current_time()
     lag.labels("censorwatch-dispatcher", "censorwatch.events").set(0)
@@ -288,3 +290,16 @@ def test_recording_rules_evaluate_on_live_data(prom: PromServer) -> None:
         prom.wait_for_series(expr, timeout=30)
     (weighted,) = prom.query('cc_asn:censorwatch_series_anomaly_share:weighted{asn="38623"}')
     assert float(weighted["value"][1]) == pytest.approx(0.9 * 30 / 42)
+
+
+@pytest.mark.prometheus
+def test_time_since_last_delivery_ignores_sinks_never_used(prom: PromServer) -> None:
+    """A sink that never delivered exports 0: the panels must not show it as ~56 years ago."""
+    queries = [q for q in panel_queries() if q[1] == "Time since last delivery per sink"]
+    assert len(queries) == 2
+    prom.wait_for_series('censorwatch_dispatcher_last_delivery_timestamp_seconds{sink="email"}', timeout=30)
+    for uid, _title, expr in queries:
+        result = prom.query(expr)
+        sinks = {r["metric"].get("sink") for r in result}
+        assert sinks == {"console", "slack"}, f"{uid}: {expr} shows {sinks}"
+        assert all(float(r["value"][1]) < 3600 for r in result), f"{uid}: {result}"

@@ -139,3 +139,82 @@ def test_alertmanager_inhibitions_name_real_alerts() -> None:
             if m:
                 pattern = m.group(2) if m.group(1) == "=~" else re.escape(m.group(2))
                 assert any(re.fullmatch(pattern, n) for n in names), f"{matcher} matches no alert"
+
+
+# ------------------------------------------------------------------- what the poller exports for the rules
+
+
+def test_poller_exports_what_the_poller_alerts_need_from_start_up() -> None:
+    """In a fresh process: quota NaN until an answer carried the header (0 would fire
+    CensorwatchApiQuotaExhausted), and a last-success timestamp for every configured country at the start time
+    (no series would keep CensorwatchPollerStalled silent for a country that never succeeds)."""
+    import json
+    import sys
+
+    script = """
+import json, math, time
+from prometheus_client import REGISTRY
+from censorwatch.config import Settings
+from services.poller import Poller
+before = time.time()
+poller = Poller(Settings(countries=["KH", "MM"]))
+after = time.time()
+poller.client.close()
+get = REGISTRY.get_sample_value
+quota = get("censorwatch_poller_api_quota_remaining")
+last = {cc: get("censorwatch_poller_last_success_timestamp_seconds", {"cc": cc}) for cc in ("KH", "MM")}
+print(json.dumps({"quota_nan": quota is not None and math.isnan(quota), "last": last,
+                  "before": before, "after": after}))
+"""
+    proc = run([sys.executable, "-c", script], cwd=ROOT)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["quota_nan"], "censorwatch_poller_api_quota_remaining must be NaN before any X-RateLimit-Remaining"
+    for cc, value in out["last"].items():
+        assert value is not None and out["before"] <= value <= out["after"], f"{cc}: last success {value}"
+
+
+def test_series_cap_alert_is_per_worker(tmp_path: Path) -> None:
+    """The cap is per worker: 3 workers x 700 series is far from it; one worker at 1,950 is close."""
+    promtool = require_tool("promtool")
+
+    def series(workers: dict[str, int]) -> list[dict[str, str]]:
+        return [
+            {
+                "series": (
+                    f'censorwatch_series_anomaly_share{{job="censorwatch-worker", instance="{w}:9465", cc="KH", '
+                    f'asn="{i}", target="t"}}'
+                ),
+                "values": "0.6x40",
+            }
+            for w, n in workers.items()
+            for i in range(n)
+        ]
+
+    def case(workers: dict[str, int], exp_alerts: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "interval": "1m",
+            "input_series": series(workers),
+            "alert_rule_test": [
+                {"eval_time": "35m", "alertname": "CensorwatchSeriesCapReached", "exp_alerts": exp_alerts}
+            ],
+        }
+
+    fires = {
+        "exp_labels": {"severity": "info"},
+        "exp_annotations": {
+            "summary": "1950 per-series metrics exposed by one worker: close to its cap",
+            "description": "New anomalous series beyond the cap are detected and alerted but not graphed.",
+        },
+    }
+    doc = {
+        "rule_files": [str(p) for p in RULE_FILES],
+        "evaluation_interval": "1m",
+        "tests": [
+            case({"w0": 700, "w1": 700, "w2": 700}, []),
+            case({"w0": 1950, "w1": 700, "w2": 10}, [fires]),
+        ],
+    }
+    path = tmp_path / "series-cap.test.yml"
+    path.write_text(yaml.safe_dump(doc))
+    out = run([promtool, "test", "rules", str(path)], cwd=tmp_path).stdout
+    assert "SUCCESS" in out

@@ -170,7 +170,6 @@ def test_recorded_and_blocking_measurements_become_slack_and_email_alerts(
             # metrics over HTTP
             assert metric_value(settings.metrics.dispatcher_port, "censorwatch_notifications_total{") >= 1
             assert metric_value(settings.metrics.worker_port, "censorwatch_worker_events_emitted_total") >= 1
-            assert metric_value(port, "censorwatch_poller_last_success_timestamp_seconds") > 0
         finally:
             assert poller.stop() == 0, poller.log()[-3000:]
             assert dispatcher.stop() == 0, dispatcher.log()[-3000:]
