@@ -104,12 +104,13 @@ class FingerprintDB:
 
     @classmethod
     def from_data(cls, ooni: dict[str, Any], local: dict[str, dict[str, str]] | None = None) -> FingerprintDB:
-        db = cls(local_dns=dict(local or {}))
+        # keyed by the comparable form of an address: an answer "d0::11" finds an indicator "D0::11"
+        db = cls(local_dns={cc: {_same_key(a): c for a, c in answers.items()} for cc, answers in (local or {}).items()})
         for kind in ("dns", "http"):
             for row in ooni.get(kind, []):
                 fp = _fingerprint(row)
                 if fp.location == "dns":
-                    db.dns.setdefault(fp.pattern, []).append(fp)
+                    db.dns.setdefault(_same_key(fp.pattern), []).append(fp)
                 else:
                     db.http.append(fp)
         return db
@@ -287,9 +288,10 @@ def match_raw(raw: Any, db: FingerprintDB, cc: str | None = None) -> list[Match]
         return control_public or not is_bogon(answer)
 
     for answer in dict.fromkeys(dns_answers(raw)):
-        if answer in local:
+        key = _same_key(answer)
+        if key in local:
             found.append(Match(f"dns:{answer}", "dns", answer, answer_counts(answer)))
-        for fp in db.dns.get(answer, []):
+        for fp in db.dns.get(key, []):
             found.append(Match(f"ooni:{fp.name}", "dns", answer, fp.confirms(cc) and answer_counts(answer)))
     for body, headers in http_responses(raw):
         for fp in db.http:

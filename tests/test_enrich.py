@@ -299,3 +299,16 @@ def test_poller_produces_everything_when_raw_bodies_fail(kafka_settings: Setting
     records = read_topic(settings, settings.topics.measurements)
     assert sorted(Measurement.from_bytes(r.value).uid for r in records) == sorted(i["measurement_uid"] for i in items)
     assert not any(Measurement.from_bytes(r.value).confirmed for r in records)
+
+
+def test_addresses_match_whatever_their_spelling() -> None:
+    """Found in review: an IPv6 answer spelt in upper case (or not compressed) missed its indicator."""
+    db = FingerprintDB.from_data({"dns": [], "http": []}, {"KH": {"D0::11": "blocking"}})
+    raw = {
+        "probe_cc": "KH",
+        "test_keys": {
+            "queries": [{"answers": [{"answer_type": "AAAA", "ipv6": "d0:0::11"}]}],
+            "control": {"dns": {"addrs": ["2001:db8::1", "93.184.216.34"]}},
+        },
+    }
+    assert confirmation(raw, db, "KH") == "dns:d0:0::11"
