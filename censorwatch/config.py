@@ -8,7 +8,11 @@ never defaulted, never logged; each may also be read from a file (``*_file``), a
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
+import re
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -19,10 +23,13 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     YamlConfigSettingsSource,
 )
 
 from censorwatch.topics import Topics
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TESTS = [
     "web_connectivity",
@@ -425,8 +432,44 @@ def describe_errors(exc: ValidationError) -> list[str]:
 def load_settings(**overrides: Any) -> Settings:
     """Build and validate the settings, raising ``ConfigError`` with every problem listed."""
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(describe_errors(exc)) from None
+    except SettingsError as exc:  # an environment value that must be JSON (a list, a section) and is not
+        raise ConfigError([_not_json(exc)]) from None
     except (OSError, ValueError, yaml.YAMLError) as exc:  # unreadable or malformed YAML
         raise ConfigError([f"config_file: {exc}"]) from None
+    for line in unknown_env(os.environ):
+        log.warning("%s", line)
+    return settings
+
+
+def _not_json(exc: SettingsError) -> str:
+    match = re.search(r'field "([^"]+)"', str(exc))
+    field = match.group(1) if match else "(a setting)"
+    env = f"CENSORWATCH_{field.upper()}"
+    return (
+        f'{field}: the value of {env} must be JSON (lists and sections are), e.g. {env}=\'["KH", "MM"]\'  [env {env}]'
+    )
+
+
+def env_names() -> set[str]:
+    """Every environment variable a setting can be read from (sections one level deep, as ``__``)."""
+    names = {CONFIG_FILE_ENV}
+    for name, info in Settings.model_fields.items():
+        names.add(f"CENSORWATCH_{name.upper()}")
+        sub = info.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            names.update(f"CENSORWATCH_{name.upper()}__{inner.upper()}" for inner in sub.model_fields)
+    return names
+
+
+def unknown_env(environ: Mapping[str, str]) -> list[str]:
+    """A warning per ``CENSORWATCH_`` variable no setting reads: a misspelt one is otherwise silently ignored.
+    Not an error: Compose reads a few of its own (``CENSORWATCH_SLACK_ENABLED``) on the host."""
+    known = env_names()
+    out = []
+    for key in sorted(k for k in environ if k.startswith("CENSORWATCH_") and k.upper() not in known):
+        close = difflib.get_close_matches(key.upper(), known, n=1)
+        out.append(f"{key} is not a censorwatch setting (ignored)" + (f"; did you mean {close[0]}?" if close else ""))
+    return out

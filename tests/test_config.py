@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from censorwatch.cli import main
-from censorwatch.config import DEFAULT_TESTS, ConfigError, load_settings
+from censorwatch.config import DEFAULT_TESTS, ConfigError, load_settings, unknown_env
 
 
 def test_defaults_match_the_cambodian_deployment() -> None:
@@ -86,3 +86,29 @@ def test_the_shipped_example_configuration_is_valid_and_loads_the_watchlist() ->
     ctx = DetectionContext.from_settings(s)
     assert ctx.categories[("KH", "kamnotra.io")] == "NEWS"
     assert ctx.asn_names[38623].startswith("VIETTEL")
+
+
+def test_a_list_given_without_json_names_the_variable_and_the_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: the error blamed the config file and never said JSON was needed."""
+    monkeypatch.setenv("CENSORWATCH_COUNTRIES", "KH,MM")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    (line,) = err.value.problems
+    assert "CENSORWATCH_COUNTRIES" in line and "JSON" in line and '["KH", "MM"]' in line
+    assert "config_file" not in line
+
+
+def test_a_misspelt_variable_is_reported_with_the_likely_name() -> None:
+    """Found in review: CENSORWATCH_POLL_INTERVAL=30 was silently ignored and the default used."""
+    env = {
+        "CENSORWATCH_POLL_INTERVAL": "30",
+        "CENSORWATCH_SLACK__ENABLE": "true",
+        "CENSORWATCH_SLACK__ENABLED": "true",
+        "CENSORWATCH_CONFIG_FILE": "x.yaml",
+        "PATH": "/bin",
+    }
+    lines = unknown_env(env)
+    assert len(lines) == 2
+    assert "CENSORWATCH_POLL_INTERVAL is not a censorwatch setting" in lines[0]
+    assert lines[0].endswith("did you mean CENSORWATCH_POLL_INTERVAL_SECONDS?")
+    assert "did you mean CENSORWATCH_SLACK__ENABLED?" in lines[1]
