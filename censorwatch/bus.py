@@ -114,13 +114,16 @@ def consumer(settings: Settings, *topics: str, group_id: str | None, **overrides
     return KafkaConsumer(*topics, **config)
 
 
-def rewind_group(settings: Settings, group: str, topic: str, offsets: dict[int, int]) -> dict[int, int]:
+def rewind_group(
+    settings: Settings, group: str, topic: str, offsets: dict[int, int], *, join: bool = False
+) -> dict[int, int]:
     """Move a stopped group's committed offsets back to ``offsets`` where they are past them (never forward).
 
     Returns the offsets now committed for those partitions. Used by the worker before it restarts over records
     that never reached it, whatever its framework committed on the way out. A broker that still counts a stopped
-    member in the group (Tansu keeps a Faust worker's membership) refuses a commit from outside it: then this
-    joins the group, which makes the broker drop the stale member, and commits as its member.
+    member in the group (Tansu keeps a Faust worker's membership) refuses a commit from outside it. With ``join``
+    (only when no other member is live: it joins under their protocol without their metadata) this then joins
+    the group, which makes the broker drop the stale member, and commits as its member.
     """
     from kafka.errors import CommitFailedError
 
@@ -130,6 +133,8 @@ def rewind_group(settings: Settings, group: str, topic: str, offsets: dict[int, 
         c.assign(list(tps.values()))
         return _move_back(c, tps, offsets)
     except CommitFailedError:
+        if not join:
+            raise
         log.info("group %s still holds a stopped member: joining it to move its offsets back", group)
     finally:
         c.close()

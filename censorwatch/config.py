@@ -453,14 +453,14 @@ def _not_json(exc: SettingsError) -> str:
     )
 
 
-def env_names() -> set[str]:
-    """Every environment variable a setting can be read from (sections one level deep, as ``__``)."""
-    names = {CONFIG_FILE_ENV}
-    for name, info in Settings.model_fields.items():
-        names.add(f"CENSORWATCH_{name.upper()}")
+def env_names(model: type[BaseModel] | None = None, prefix: str = "CENSORWATCH_") -> set[str]:
+    """Every environment variable a setting can be read from (sections at any depth, joined with ``__``)."""
+    names = {CONFIG_FILE_ENV} if model is None else set()
+    for name, info in (model or Settings).model_fields.items():
+        names.add(f"{prefix}{name.upper()}")
         sub = info.annotation
         if isinstance(sub, type) and issubclass(sub, BaseModel):
-            names.update(f"CENSORWATCH_{name.upper()}__{inner.upper()}" for inner in sub.model_fields)
+            names |= env_names(sub, f"{prefix}{name.upper()}__")
     return names
 
 

@@ -84,6 +84,9 @@ class Page:
     body: bytes
 
 
+MAX_RETRY_AFTER = 3600.0  # a Retry-After honoured across calls waits at most this (a year-2100 date is not an order)
+
+
 class OoniClient:
     """A ``requests.Session`` with the house rules for the OONI API.
 
@@ -181,7 +184,7 @@ class OoniClient:
                 raise ApiUnavailable(f"{what} after {attempt} attempts: {_redact(url)}")
             if retry_after is not None and retry_after > self.settings.http_max_backoff_seconds:
                 # Longer than we wait inside a call: honour it across calls instead of asking again sooner.
-                self.not_before = time.monotonic() + retry_after
+                self.not_before = time.monotonic() + min(retry_after, MAX_RETRY_AFTER)
                 log.warning(
                     "OONI API %s: %s; Retry-After %.0f s: no requests until then", _redact(url), what, retry_after
                 )

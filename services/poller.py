@@ -150,6 +150,7 @@ class Poller:
         self.cursors: dict[str, CountryCursor] = {}
         self.store: CursorStore | None = None
         self.rounds = 0
+        self._sweep_retry: dict[str, datetime] = {}  # country -> when a cut-short late sweep may be tried again
         metrics.init_labels(settings.countries)
         metrics.init_last_success(settings.countries, time.time())
 
@@ -280,7 +281,10 @@ class Poller:
         s = self.settings
         if s.poll_late_sweep_seconds <= 0:
             return None
-        if cursor.swept is not None and now < cursor.swept + timedelta(seconds=s.poll_late_sweep_every_seconds):
+        every = timedelta(seconds=s.poll_late_sweep_every_seconds)
+        if cursor.swept is not None and now < cursor.swept + every:
+            return None
+        if now < self._sweep_retry.get(cursor.cc, now):  # the last try was cut short: not again every round
             return None
         sweep = CountryRound(cursor.cc)
         if cursor.swept is not None:  # the first time only sets the mark: late uploads count from then on
@@ -289,6 +293,10 @@ class Poller:
             if since < edge:
                 params = {**self.params(cursor, now), "since": api_time(since), "until": api_time(edge)}
                 if not self._read_pages(cursor, params, sweep, now, sweep_after=cursor.swept - self.margin):
+                    # Its mark stays, so the next try covers the same arrivals; an API that keeps failing it (or
+                    # keeps repeating a page) is asked again after a sweep interval, not on every round.
+                    if sweep.error != "stopped":
+                        self._sweep_retry[cursor.cc] = now + every
                     return sweep
         cursor.swept_at(now, self.margin)
         try:

@@ -69,7 +69,9 @@ def _rewind(settings: Settings, first: dict[int, int]) -> object:
     deadline = time.monotonic() + REWIND_PATIENCE * settings.kafka_session_timeout_seconds + 5.0
     while True:
         try:
-            return rewind_group(settings, settings.topics.worker_group, settings.topics.measurements, first)
+            # On the embedded broker `censorwatch up` runs one worker: no live member to disturb by joining.
+            group, topic = settings.topics.worker_group, settings.topics.measurements
+            return rewind_group(settings, group, topic, first, join=settings.embedded)
         except (KafkaError, TimeoutError) as exc:
             if time.monotonic() > deadline:
                 log.critical("could not move the group back to %s (%r): records after it may not be read", first, exc)

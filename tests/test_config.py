@@ -107,6 +107,7 @@ def test_a_misspelt_variable_is_reported_with_the_likely_name() -> None:
         "CENSORWATCH_CONFIG_FILE": "x.yaml",
         "PATH": "/bin",
     }
+    env["CENSORWATCH_ALERTS__DIGEST__ENABLED"] = "true"  # sections nest deeper than one level
     lines = unknown_env(env)
     assert len(lines) == 2
     assert "CENSORWATCH_POLL_INTERVAL is not a censorwatch setting" in lines[0]

@@ -270,7 +270,7 @@ def test_ticks_read_again_after_a_restart_do_not_act_twice(
         wait_until(lambda: services[0].check() and len(gap_notices()) >= 2, 60, "the gap opened and resolved")
         assert services[0].stop() == 0
         # As after a crash before the offsets were committed: the group moves back over both ticks.
-        assert bus.rewind_group(settings, settings.topics.worker_group, topic, {0: 0}) == {0: 0}
+        assert bus.rewind_group(settings, settings.topics.worker_group, topic, {0: 0}, join=True) == {0: 0}
         bus.send_all(producer, topic, [(b"XT", _sentinel("XT").to_bytes())], 30)
         services.append(_start(settings, tmp_path / "w2", "worker-2"))
         wait_until(lambda: services[1].check() and _processed(settings, "XT") == 1, 60, "the record after them")

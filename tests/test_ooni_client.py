@@ -11,7 +11,14 @@ import pytest
 from prometheus_client import REGISTRY
 
 from censorwatch.config import Settings, load_settings
-from services.ooni_client import ApiUnavailable, ClientError, MalformedPage, OoniClient, parse_retry_after
+from services.ooni_client import (
+    MAX_RETRY_AFTER,
+    ApiUnavailable,
+    ClientError,
+    MalformedPage,
+    OoniClient,
+    parse_retry_after,
+)
 from tests.fakes.ooni_api import MEASUREMENTS, FakeOoniApi, Fault, load_recorded_items
 
 SEARCH = "ooni/api-responses/search"
@@ -102,7 +109,7 @@ def test_a_retry_after_beyond_the_back_off_cap_is_honoured_across_calls(api: Fak
     """Found in review: a Retry-After longer than the cap was cut to the cap, and the next country and round asked
     again at once. Now no request is made until that time."""
     settings = settings_for(api)
-    api.push(Fault.rate_limited(retry_after=settings.http_max_backoff_seconds + 3000))
+    api.push(Fault.rate_limited(retry_after=10 * MAX_RETRY_AFTER))  # beyond the cap, and beyond what is honoured
     sleeps = Sleeps()
     client = OoniClient(settings, sleep=sleeps)
     with pytest.raises(ApiUnavailable, match="Retry-After"):
@@ -110,6 +117,7 @@ def test_a_retry_after_beyond_the_back_off_cap_is_honoured_across_calls(api: Fak
     with pytest.raises(ApiUnavailable, match="wait"):
         client.get_json(MEASUREMENTS, {**WINDOW, "limit": 1})
     assert len(api.requests_to()) == 1 and sleeps.calls == []
+    assert client.not_before is not None and client.not_before - time.monotonic() <= MAX_RETRY_AFTER
     client.not_before = time.monotonic() - 1  # the time has come
     assert client.get_json(MEASUREMENTS, {**WINDOW, "limit": 1})["results"]
     assert len(api.requests_to()) == 2

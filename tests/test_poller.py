@@ -401,6 +401,36 @@ def test_an_upload_the_api_shows_late_is_still_swept(kafka_settings: Settings) -
     assert [m.uid for _, m in measurements(settings)].count(item["measurement_uid"]) == 1
 
 
+def test_a_late_sweep_cut_short_by_a_repeated_page_is_tried_again_after_an_interval(kafka_settings: Settings) -> None:
+    """Found in review: a sweep reads only data older than the look-back, so a repeated page always ends it; it
+    was then tried again on every round (every minute, 72 h of pages). It waits a sweep interval instead, and the
+    next try produces the rest, each upload once."""
+    clock = [NOW]
+    with FakeOoniApi(kh_series(NOW - timedelta(hours=1), 1)) as api:
+        settings = poller_settings(kafka_settings, api, ["KH"])
+        poller = make_poller(settings, clock=lambda: clock[0])
+        try:
+            assert poller.poll_once()[0].late is not None  # sets the sweep's mark
+            arrived = NOW + timedelta(minutes=20)
+            queued = [
+                make_item(start=NOW - timedelta(hours=30, minutes=i), received=arrived, seq=500 + i) for i in range(12)
+            ]
+            api.add_items(queued)
+            api.push(Fault.repeated_page(when={"probe_cc": "KH", "offset": "5"}))  # the sweep's second page
+            clock[0] = NOW + timedelta(hours=1, minutes=5)
+            r = poller.poll_once()[0]
+            assert r.late is not None and not r.late.complete and "rows shifted" in str(r.late.error)
+            clock[0] = NOW + timedelta(hours=1, minutes=10)
+            assert poller.poll_once()[0].late is None  # not on every round
+            clock[0] = NOW + timedelta(hours=2, minutes=10)
+            r = poller.poll_once()[0]
+            assert r.late is not None and r.late.complete and r.late.produced == len(queued) - 5
+        finally:
+            poller.close()
+    uids = [m.uid for _, m in measurements(settings)]
+    assert all(uids.count(i["measurement_uid"]) == 1 for i in queued)
+
+
 def test_future_probe_clock_does_not_move_the_cursor_past_now(kafka_settings: Settings) -> None:
     # As far ahead as the API's default window serves (until = tomorrow 00:00 UTC), whatever the hour of the run.
     midnight = datetime(NOW.year, NOW.month, NOW.day, tzinfo=UTC) + timedelta(days=1)
