@@ -138,11 +138,14 @@ def dataset_name(path: Path) -> str:
     return name.removesuffix(".jsonl").removesuffix(".json")
 
 
-def load_measurements(paths: list[Path], *, progress: bool = False) -> tuple[list[Measurement], int]:
+def load_measurements(
+    paths: list[Path], *, progress: bool = False, spans: dict[str, tuple[datetime, datetime]] | None = None
+) -> tuple[list[Measurement], int]:
     """Normalised measurements of all files, sorted by start time (as the poller would deliver them).
 
     Reads through ``services.replay`` so the backtest takes exactly what ``replay`` takes (gzip, saved pages,
-    JSONL); anything it would dead-letter is counted as unreadable.
+    JSONL); anything it would dead-letter is counted as unreadable. ``spans`` receives each dataset's first and
+    last start time.
     """
     out: list[Measurement] = []
     bad = 0
@@ -154,6 +157,10 @@ def load_measurements(paths: list[Path], *, progress: bool = False) -> tuple[lis
                 bad += 1
             else:
                 out.append(result)
+                if spans is not None:
+                    name = dataset_name(path)
+                    first, last = spans.get(name, (result.start_time, result.start_time))
+                    spans[name] = (min(first, result.start_time), max(last, result.start_time))
             if progress and i % PROGRESS_EVERY == 0:
                 print(f"\rbacktest: read {i} measurements", end="", file=sys.stderr, flush=True)
     if progress and i:
@@ -260,7 +267,7 @@ def _quiet_window(label: Label, at: datetime, data_end: datetime | None) -> bool
 def score(
     events: list[Event],
     labels: Sequence[Label | Mapping[str | None, Any]],
-    datasets: set[str],
+    datasets: set[str] | Mapping[str, tuple[datetime, datetime]],
     data_end: datetime | None,
 ) -> list[Case]:
     """Compare alerts with each label row of the datasets that were run.
@@ -268,7 +275,11 @@ def score(
     Every alert on a labelled series counts once: as the detection of the true event whose window holds it,
     otherwise as a false alert (in the must-not-fire row holding it, or in the series' ``outside_labels`` case),
     so an alert can neither count twice nor slip between rows. Raw CSV rows are parsed (and checked) here.
+    ``datasets`` may give each dataset's time span (first and last measurement): a dataset's rows then see only
+    the alerts inside its span, so two datasets labelling one series at different times do not count each
+    other's alerts as false.
     """
+    spans: Mapping[str, tuple[datetime, datetime]] = datasets if isinstance(datasets, Mapping) else {}
     alerts = sorted(asn_alerts(events), key=lambda a: a.at)
     parsed = [lb if isinstance(lb, Label) else parse_label(lb, i) for i, lb in enumerate(labels, start=2)]
     rows = [lb for lb in parsed if lb.dataset in datasets]
@@ -281,8 +292,11 @@ def score(
     out: list[Case] = list(cases.values())
     for (dataset, cc, asn, target), group in series.items():
         stray: list[Alert] = []
+        span = spans.get(dataset)
         for a in alerts:
             if (a.cc, a.asn, a.target) != (cc, asn, target):
+                continue
+            if span is not None and not span[0] <= a.at <= span[1]:
                 continue
             hit = next((lb for lb in group if lb.kind == TRUE_EVENT and _true_window(lb, a.at)), None)
             if hit is None:
@@ -338,7 +352,8 @@ def backtest(
 
     Raises ``LabelError`` when a label row is unusable or none is for the files run (nothing would be scored).
     """
-    measurements, bad = load_measurements(paths, progress=progress)
+    spans: dict[str, tuple[datetime, datetime]] = {}
+    measurements, bad = load_measurements(paths, progress=progress, spans=spans)
     engine = Engine(settings or DetectionSettings(), context)
     _, events, counters = run_offline(engine, measurements, tick_every=tick_every)
     card = Scorecard(
@@ -355,7 +370,8 @@ def backtest(
         if not any(lb.dataset in datasets for lb in labels):
             raise LabelError(f"{labels_path}: no label row is for the data run ({', '.join(sorted(datasets))})")
         data_end = measurements[-1].start_time if measurements else None
-        card.cases = score(events, labels, datasets, data_end)
+        never = (datetime.max.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC))  # a dataset with nothing read
+        card.cases = score(events, labels, {d: spans.get(d, never) for d in datasets}, data_end)
     return card, events
 
 

@@ -177,6 +177,29 @@ def test_alert_inside_onset_bracket_detects_with_zero_latency(shared_data: Path)
     assert s["detected"] == 1 and s["false_alerts"] == 0 and s["median_latency_hours"] == 0.0
 
 
+def test_two_datasets_labelling_one_series_see_only_their_own_alerts() -> None:
+    """Found in the second review: each dataset's rows took every alert on the series, so the other dataset's
+    detection counted as a false alert here. With their spans each sees only its own."""
+
+    def row(dataset: str, year: int) -> dict[str, str]:
+        return {
+            "dataset": dataset,
+            "probe_cc": "KE",
+            "probe_asn": "AS33771",
+            "target": "telegram",
+            "kind": "true_event",
+            "onset_earliest": f"{year}-11-08T00:00:00Z",
+            "onset_latest": f"{year}-11-09T00:00:00Z",
+            "end_earliest": f"{year}-11-24T00:00:00Z",
+            "end_latest": f"{year}-11-26T00:00:00Z",
+        }
+
+    alerts = [_alert(datetime(year, 11, 10, tzinfo=UTC), f"e{year}") for year in (2023, 2024)]
+    spans = {f"ke-{y}": (datetime(y, 11, 1, tzinfo=UTC), datetime(y, 11, 30, tzinfo=UTC)) for y in (2023, 2024)}
+    summary = Scorecard(cases=score(alerts, [row("ke-2023", 2023), row("ke-2024", 2024)], spans, None)).summary()
+    assert summary["recall"] == 1.0 and summary["false_alerts"] == 0 and summary["failed_cases"] == 0
+
+
 @pytest.mark.parametrize(
     "change",
     [
