@@ -113,6 +113,7 @@ class Dispatcher:
         self._outages: dict[str, tuple[str, int, bool]] = {}  # event_id -> (cc, asn, open)
         self._outage_versions: dict[str, int] = {}
         self._newest: dict[str, tuple[int, bool]] = {}  # event_id -> (newest version seen, resolved)
+        self._read_up = False  # the events topic was read to its end once since the start (see _periodic)
         self._counts: Counter[str] = Counter()  # since the last heartbeat notice
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
@@ -475,7 +476,11 @@ class Dispatcher:
             self._lag()
         if a.heartbeat_receivers and self._due("heartbeat", a.heartbeat_interval_seconds):
             self._heartbeat()
-        self._reminders()
+        # Reminders only once the events topic was read to its end since the start: a "resolved" still on the topic
+        # (held by grouping when the last process stopped) must be seen before an "ongoing" reminder can go out.
+        self._read_up = self._read_up or self._caught_up()
+        if self._read_up:
+            self._reminders()
         if a.digest.enabled and self._due("digest", 5.0) and self._caught_up():
             self._digests(datetime.now(UTC))
 
