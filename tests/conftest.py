@@ -9,11 +9,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from censorwatch import bus
 from censorwatch.broker import EmbeddedBroker
 from censorwatch.config import Settings, load_settings
 from tests.services import Service, scrape, wait_until
+
+# CI runs the property tests on a fixed seed (a new counterexample must not block a landing; found ones become
+# plain tests); locally they search anew each run. Said here rather than left to hypothesis' own CI detection.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
+hypothesis_settings.register_profile("dev", deadline=None)
+hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"

@@ -274,6 +274,9 @@ def test_ticks_read_again_after_a_restart_do_not_act_twice(
         bus.send_all(producer, topic, [(b"XT", _sentinel("XT").to_bytes())], 30)
         services.append(_start(settings, tmp_path / "w2", "worker-2"))
         wait_until(lambda: services[1].check() and _processed(settings, "XT") == 1, 60, "the record after them")
+        # committed only once that batch's notices, state and marker are on the broker: a replayed tick's notice
+        # would be on the topic by then
+        wait_until(lambda: services[1].check() and _caught_up(settings, [0]), 60, "the restarted worker's commit")
     finally:
         producer.close()
     assert gap_notices() == [("opened", 1), ("resolved", 2)]

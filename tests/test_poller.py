@@ -24,7 +24,7 @@ from services.cursor import CountryCursor
 from services.ooni_client import OoniClient, Page
 from services.poller import Poller
 from tests.conftest import ROOT, free_port
-from tests.fakes.ooni_api import FakeOoniApi, Fault, load_recorded_items, make_item
+from tests.fakes.ooni_api import FakeOoniApi, Fault, load_recorded_items, make_item, parse_api_time
 from tests.kafka_read import read_topic
 
 pytestmark = pytest.mark.kafka
@@ -33,11 +33,17 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 
 
 def recorded(shared_data: Path) -> list[dict[str, Any]]:
+    """The recorded real list items, their start times moved (keeping their spacing) to end two days before now:
+    the poller's first window reaches back only so far, and fixed dates would fall out of it as time passes."""
     items: dict[str, dict[str, Any]] = {}
     for path in sorted((shared_data / "ooni/api-responses/search").glob("*.json")):
         for item in load_recorded_items(path):
             items[item["measurement_uid"]] = item
-    return list(items.values())
+    starts = {uid: parse_api_time(str(i["measurement_start_time"])) for uid, i in items.items()}
+    shift = NOW - timedelta(days=2) - max(starts.values())
+    return [
+        {**i, "measurement_start_time": f"{starts[uid] + shift:%Y-%m-%dT%H:%M:%S}.000000Z"} for uid, i in items.items()
+    ]
 
 
 def kh_series(
@@ -65,7 +71,7 @@ def poller_settings(kafka_settings: Settings, api: FakeOoniApi, countries: list[
     update = {
         "ooni_api_url": api.base_url,
         "countries": countries,
-        "poll_start": datetime(2026, 6, 1, tzinfo=UTC),
+        "poll_start": NOW - timedelta(days=3),  # relative: a fixed date falls out of the poller's first window
         "poll_page_size": 5,
         "poll_lookback_seconds": 6 * 3600.0,
         **kw,
