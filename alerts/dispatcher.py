@@ -243,7 +243,11 @@ class Dispatcher:
         self._track_outage(event)
         self._track_newest(event)
         now = time.monotonic()
-        for plan in routing.route(self.settings, event):
+        plans = routing.route(self.settings, event)
+        if event.action is not EventAction.OPENED:  # whoever was told of the event hears how it goes on and ends
+            routed = {p.receiver.id for p in plans}
+            plans += [routing.follow_up(self.settings, r) for r in self.log.told(event.event_id) if r not in routed]
+        for plan in plans:
             rid = plan.receiver.id
             pair = (event.event_id, rid)
             if self.log.handled_version(*pair) >= event.version:
@@ -536,7 +540,8 @@ class Dispatcher:
         for event_id, rid, event, at in list(self.log.latest_sent()):
             if event.action is EventAction.RESOLVED or self._closed(event_id, rid) or (event_id, rid) in self._pending:
                 continue
-            plan = next((p for p in routing.route(self.settings, event) if p.receiver.id == rid), None)
+            plans = routing.route(self.settings, event)
+            plan = next((p for p in plans if p.receiver.id == rid), None) or routing.follow_up(self.settings, rid)
             if plan is None or plan.repeat_interval <= 0 or now - at < timedelta(seconds=plan.repeat_interval):
                 continue
             if self.silences.matching(event) is not None or self._inhibited(event):

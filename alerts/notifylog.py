@@ -81,6 +81,10 @@ class NotificationLog:
         """Whether this receiver was ever actually told about the event (a resolved notice needs that)."""
         return (event_id, receiver) in self._notified
 
+    def told(self, event_id: str) -> list[str]:
+        """The receivers that were actually sent a notice (or reminder) of this event."""
+        return sorted(rid for eid, rid in self._notified if eid == event_id)
+
     def root(self, event_id: str, receiver: str) -> SlackThread | None:
         return self._roots.get((event_id, receiver))
 

@@ -100,6 +100,21 @@ def route(settings: Settings, event: Event) -> list[Plan]:
     return list(chosen.values())
 
 
+def follow_up(settings: Settings, receiver: str) -> Plan:
+    """The plan for a receiver already told about an event that this version no longer routes to (labels such as
+    ``watch`` or ``severity`` change between versions: a block opened in a watch window can clear after it). The
+    first route naming the receiver gives its language and timers; else the defaults."""
+    a = settings.alerts
+    r = next((r for r in a.routes if receiver in r.receivers), None)
+    return Plan(
+        Receiver.parse(receiver),
+        (r.language if r else None) or a.language,
+        a.group_wait_seconds if r is None or r.group_wait_seconds is None else r.group_wait_seconds,
+        a.group_interval_seconds if r is None or r.group_interval_seconds is None else r.group_interval_seconds,
+        a.repeat_interval_seconds if r is None or r.repeat_interval_seconds is None else r.repeat_interval_seconds,
+    )
+
+
 def addresses(settings: Settings, receiver: Receiver) -> list[str]:
     """The mail addresses behind an email receiver."""
     if receiver.target == "default":
@@ -114,6 +129,7 @@ def all_receivers(settings: Settings) -> list[Receiver]:
         [r for route_ in settings.alerts.routes for r in route_.receivers]
         + default_receivers(settings)
         + settings.alerts.heartbeat_receivers
+        + settings.alerts.digest.receivers
     )
     return [Receiver.parse(r) for r in seen]
 

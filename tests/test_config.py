@@ -113,3 +113,10 @@ def test_a_misspelt_variable_is_reported_with_the_likely_name() -> None:
     assert "CENSORWATCH_POLL_INTERVAL is not a censorwatch setting" in lines[0]
     assert lines[0].endswith("did you mean CENSORWATCH_POLL_INTERVAL_SECONDS?")
     assert "did you mean CENSORWATCH_SLACK__ENABLED?" in lines[1]
+
+
+def test_digest_receivers_are_checked_like_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: a digest sent to a list that does not exist went to nobody, and the check said OK."""
+    monkeypatch.setenv("CENSORWATCH_ALERTS__DIGEST__ENABLED", "true")
+    monkeypatch.setenv("CENSORWATCH_ALERTS__DIGEST__RECEIVERS", '["email:nosuch"]')
+    assert main(["check-config"]) != 0

@@ -48,6 +48,29 @@ def test_routes_pick_receivers_language_and_timers(kafka_settings: Settings) -> 
     assert route(s, other) == []  # no defaults: console off, no sinks enabled
 
 
+def test_a_receiver_told_of_an_event_hears_it_end_even_when_the_end_routes_elsewhere(kafka_settings: Settings) -> None:
+    """Found in review: routes match each version on its own labels. A block opened in a watch window and cleared
+    after it carries no watch label when it ends, so its "unblocked" went to the defaults (never told of it: the
+    notice is skipped there) and not to the watch's channel, which never heard the end."""
+    with FakeSlackApi(TOKEN) as api:
+        s = make_settings(
+            kafka_settings,
+            console=False,
+            slack=slack_cfg(api),
+            alerts={
+                "retry_initial_seconds": 0.1,
+                "group_interval_seconds": 0,
+                "routes": [{"match": {"watch": ["kh-election"]}, "receivers": ["slack:#kh-election"]}],
+            },
+        )
+        versions = life(event_id="KH|watch", watch="kh-election")
+        produce(s, [versions[0], versions[-1].model_copy(update={"watch": None})])
+        with running(Dispatcher(s)):
+            api.wait_for(lambda a: any("Unblocked" in c.text for c in a.calls_of("chat.postMessage")))
+        posts = api.calls_of("chat.postMessage")
+        assert {api.channel_id(str(p.params.get("channel"))) for p in posts} == {api.channel_id("#kh-election")}
+
+
 def test_silence_inhibition_and_grouping(kafka_settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     with FakeSlackApi(TOKEN) as api:
         s = make_settings(
