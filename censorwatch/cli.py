@@ -114,7 +114,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         ensure_topics(
             settings.model_copy(
                 update={
-                    "kafka_bootstrap": env.get("CENSORWATCH_KAFKA_BOOTSTRAP"),
+                    "kafka_bootstrap": broker.bootstrap if broker is not None else settings.kafka_bootstrap,
                     "topic_partitions": int(env.get("CENSORWATCH_TOPIC_PARTITIONS", settings.topic_partitions)),
                 }
             )
@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(os.environ.get("CENSORWATCH_LOG_LEVEL", "INFO").upper())
+    level = os.environ.get("CENSORWATCH_LOG_LEVEL", "INFO").upper()
+    setup_logging(level if level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO")  # Settings says why
     try:
         return int(args.func(args))
     except ConfigError as exc:
@@ -198,6 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.problems:
             print(f"  - {line}", file=sys.stderr)
         return 2
+    except ConnectionError as exc:  # Kafka not reachable at start (bus.admin, bus.producer): one line, no traceback
+        print(f"censorwatch: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

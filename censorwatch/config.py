@@ -359,6 +359,18 @@ class Settings(BaseSettings):
         default=0.5, gt=0, le=1, description="stop when more than this share of recent input is dead-lettered"
     )
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value  # "debug" is as good as "DEBUG"
+
+    @field_validator("kafka_bootstrap", mode="before")
+    @classmethod
+    def _bootstrap(cls, value: Any) -> Any:
+        """A blank address is no address: the embedded broker (an empty ``CENSORWATCH_KAFKA_BOOTSTRAP=`` in an
+        ``.env`` file meant "unset", and half the commands read it as set)."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("countries")
     @classmethod
     def _country_codes(cls, value: list[str]) -> list[str]:
@@ -448,9 +460,10 @@ def _not_json(exc: SettingsError) -> str:
     match = re.search(r'field "([^"]+)"', str(exc))
     field = match.group(1) if match else "(a setting)"
     env = f"CENSORWATCH_{field.upper()}"
-    return (
-        f'{field}: the value of {env} must be JSON (lists and sections are), e.g. {env}=\'["KH", "MM"]\'  [env {env}]'
-    )
+    info = Settings.model_fields.get(field)
+    section = info is not None and isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+    example = '{"enabled": true}' if section else '["KH", "MM"]'
+    return f"{field}: the value of {env} must be JSON (lists and sections are), e.g. {env}='{example}'  [env {env}]"
 
 
 def env_names(model: type[BaseModel] | None = None, prefix: str = "CENSORWATCH_") -> set[str]:

@@ -120,3 +120,16 @@ def test_digest_receivers_are_checked_like_the_others(monkeypatch: pytest.Monkey
     monkeypatch.setenv("CENSORWATCH_ALERTS__DIGEST__ENABLED", "true")
     monkeypatch.setenv("CENSORWATCH_ALERTS__DIGEST__RECEIVERS", '["email:nosuch"]')
     assert main(["check-config"]) != 0
+
+
+def test_blank_and_lower_case_values_mean_what_they_say(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: CENSORWATCH_KAFKA_BOOTSTRAP= (blank, as in an .env file) was "set" for some commands and
+    "embedded" for others; CENSORWATCH_LOG_LEVEL=debug was refused; a section given as text got a list example."""
+    monkeypatch.setenv("CENSORWATCH_KAFKA_BOOTSTRAP", "  ")
+    monkeypatch.setenv("CENSORWATCH_LOG_LEVEL", "debug")
+    settings = load_settings()
+    assert settings.embedded and settings.log_level == "DEBUG"
+    monkeypatch.setenv("CENSORWATCH_SLACK", "on")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert """CENSORWATCH_SLACK='{"enabled": true}'""" in err.value.problems[0]
