@@ -49,10 +49,15 @@ def _store(args: argparse.Namespace) -> Any:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from censorwatch.config import AlertMatch
+    from pydantic import ValidationError
+
+    from censorwatch.config import AlertMatch, ConfigError, describe_errors
 
     fields = ("cc", "kind", "action", "category", "watch", "severity", "target", "asn")
-    match = AlertMatch(**{f: getattr(args, f) for f in fields if getattr(args, f)})
+    try:
+        match = AlertMatch(**{f: getattr(args, f) for f in fields if getattr(args, f)})
+    except ValidationError as exc:  # e.g. --severity Critical: it would never match
+        raise ConfigError([line.split("  [env")[0] for line in describe_errors(exc)]) from None
     s = _store(args).add(match, args.duration, args.reason, args.by or getpass.getuser())
     print(f"added {s.describe()}")
     return 0

@@ -219,12 +219,14 @@ class AlertMatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     cc: list[str] = Field(default_factory=list, description="country codes")
-    kind: list[str] = Field(default_factory=list, description="target_blocked | network_outage | coverage_gap")
-    action: list[str] = Field(default_factory=list, description="opened | updated | revised | resolved")
+    # The closed sets are checked at start-up: a misspelt value ("blocked", "Critical") would never match, and the
+    # events it meant would silently go to the defaults.
+    kind: list[Literal["target_blocked", "network_outage", "coverage_gap"]] = Field(default_factory=list)
+    action: list[Literal["opened", "updated", "revised", "resolved"]] = Field(default_factory=list)
     state: list[Literal["open", "resolved"]] = Field(default_factory=list)
     category: list[str] = Field(default_factory=list, description="Citizen Lab category codes")
     watch: list[str] = Field(default_factory=list, description="watch window labels (Event.watch)")
-    severity: list[str] = Field(default_factory=list, description="info | warning | critical")
+    severity: list[Literal["info", "warning", "critical"]] = Field(default_factory=list)
     target: list[str] = Field(default_factory=list, description="shell patterns, e.g. '*.rfa.org'")
     asn: list[int] = Field(default_factory=list, description="an event matches if any of its networks is listed")
     simulated: bool | None = None
@@ -435,7 +437,8 @@ def describe_errors(exc: ValidationError) -> list[str]:
     for err in exc.errors(include_url=False, include_input=False):
         loc = [str(p) for p in err["loc"]]
         field = ".".join(loc) or "(settings)"
-        env = "CENSORWATCH_" + "__".join(p.upper() for p in loc) if loc else ""
+        head = loc[: next((i for i, p in enumerate(err["loc"]) if isinstance(p, int)), len(loc))]  # a list is one var
+        env = "CENSORWATCH_" + "__".join(p.upper() for p in head) if head else ""
         msg = err["msg"].removeprefix("Value error, ")
         lines.append(f"{field}: {msg}" + (f"  [env {env}]" if env else ""))
     return lines

@@ -133,3 +133,15 @@ def test_blank_and_lower_case_values_mean_what_they_say(monkeypatch: pytest.Monk
     with pytest.raises(ConfigError) as err:
         load_settings()
     assert """CENSORWATCH_SLACK='{"enabled": true}'""" in err.value.problems[0]
+
+
+def test_a_misspelt_match_value_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: kind, action and severity were free text, so "blocked" or "Critical" never matched and
+    the events they meant went to the defaults."""
+    monkeypatch.setenv(
+        "CENSORWATCH_ALERTS__ROUTES", '[{"match": {"severity": ["Critical"]}, "receivers": ["console"]}]'
+    )
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "alerts.routes.0.match.severity.0" in err.value.problems[0]
+    assert err.value.problems[0].endswith("[env CENSORWATCH_ALERTS__ROUTES]")
