@@ -119,6 +119,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 }
             )
         )
+        if stop.requested:  # Ctrl-C while the broker and topics were coming up: start nothing
+            return 130
         exe = [sys.executable, "-m", "censorwatch"]
         for name in ("worker", "dispatch", "poll"):
             children[name] = subprocess.Popen([*exe, name], env=env)
