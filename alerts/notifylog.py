@@ -34,6 +34,7 @@ class NotificationLog:
         self._versions: dict[tuple[str, str], int] = {}
         self._roots: dict[tuple[str, str], SlackThread] = {}
         self._notified: set[tuple[str, str]] = set()
+        self._told: dict[str, set[str]] = {}  # event_id -> receivers notified (read for every record)
         self._latest: dict[tuple[str, str], dict[str, Any]] = {}  # last sent notice or reminder per pair
         self._handled: dict[tuple[str, str], dict[str, Any]] = {}  # newest notice per pair, whatever its status
         self._reminded: dict[tuple[str, str], datetime] = {}  # last sent notice or reminder try per pair
@@ -58,6 +59,7 @@ class NotificationLog:
         sent = value.get("status") == "sent"
         if kind in ("notice", "reminder") and sent:
             self._notified.add(pair)
+            self._told.setdefault(pair[0], set()).add(pair[1])
             prev = self._latest.get(pair)
             if prev is None or (value["version"], value["at"]) >= (prev["version"], prev["at"]):
                 self._latest[pair] = value
@@ -83,7 +85,7 @@ class NotificationLog:
 
     def told(self, event_id: str) -> list[str]:
         """The receivers that were actually sent a notice (or reminder) of this event."""
-        return sorted(rid for eid, rid in self._notified if eid == event_id)
+        return sorted(self._told.get(event_id, ()))
 
     def root(self, event_id: str, receiver: str) -> SlackThread | None:
         return self._roots.get((event_id, receiver))
