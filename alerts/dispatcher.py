@@ -519,7 +519,7 @@ class Dispatcher:
         pending = len(self._pending)
         for rid in self.settings.alerts.heartbeat_receivers:
             r = Receiver.parse(rid)
-            renderer = self.renderer(self.settings.alerts.language)
+            renderer = self.renderer(routing.follow_up(self.settings, rid).language)  # the route's language
             text = renderer.heartbeat(now, self._counts["delivered"], self._counts["failed"], pending)
             try:
                 if r.sink == "console":
@@ -560,7 +560,7 @@ class Dispatcher:
         silences = [s.describe() for s in self.silences.active(now)]
         for rid in scope:
             r = Receiver.parse(rid)
-            renderer = self.renderer(self.settings.alerts.language)
+            renderer = self.renderer(routing.follow_up(self.settings, rid).language)  # the route's language
             items = digest_items(self.log, rid, now - timedelta(days=1), renderer)
             for address in routing.addresses(self.settings, r):
                 key = f"digest#{date}#{address}"

@@ -9,7 +9,7 @@ import pytest
 
 from alerts.dispatcher import Dispatcher, digest_items
 from alerts.render import Renderer
-from alerts.routing import route
+from alerts.routing import follow_up, route
 from censorwatch.cli import main
 from censorwatch.config import Settings
 from censorwatch.models import EventAction, EventKind
@@ -46,6 +46,8 @@ def test_routes_pick_receivers_language_and_timers(kafka_settings: Settings) -> 
     assert [p.receiver.id for p in route(s, critical)] == ["email:kh-team", "console"]
     other = life(cc="TH")[0]
     assert route(s, other) == []  # no defaults: console off, no sinks enabled
+    # a receiver's digest, heartbeat and follow-up notices use the language of the route naming it
+    assert (follow_up(s, "email:kh-team").language, follow_up(s, "console").language) == ("km", "en")
 
 
 def test_a_receiver_told_of_an_event_hears_it_end_even_when_the_end_routes_elsewhere(kafka_settings: Settings) -> None:
