@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from alerts.render import blocked_networks
-from censorwatch.config import AlertMatch, Settings
+from censorwatch.config import AlertMatch, AlertRoute, Settings
 from censorwatch.models import Event, EventAction
 
 
@@ -71,41 +71,24 @@ def route(settings: Settings, event: Event) -> list[Plan]:
     a = settings.alerts
     chosen: dict[str, Plan] = {}
 
-    def add(receivers: list[str], language: str, wait: float, interval: float, repeat: float) -> None:
-        for r in receivers:
-            chosen.setdefault(r, Plan(Receiver.parse(r), language, wait, interval, repeat))
-
     matched = False
     for r in a.routes:
         if not matches(r.match, event):
             continue
         matched = True
-        add(
-            r.receivers,
-            r.language or a.language,
-            a.group_wait_seconds if r.group_wait_seconds is None else r.group_wait_seconds,
-            a.group_interval_seconds if r.group_interval_seconds is None else r.group_interval_seconds,
-            a.repeat_interval_seconds if r.repeat_interval_seconds is None else r.repeat_interval_seconds,
-        )
+        for receiver in r.receivers:
+            chosen.setdefault(receiver, _plan(settings, receiver, r))
         if not r.continue_matching:
             break
     if not matched:
-        add(
-            default_receivers(settings),
-            a.language,
-            a.group_wait_seconds,
-            a.group_interval_seconds,
-            a.repeat_interval_seconds,
-        )
+        for receiver in default_receivers(settings):
+            chosen.setdefault(receiver, _plan(settings, receiver, None))
     return list(chosen.values())
 
 
-def follow_up(settings: Settings, receiver: str) -> Plan:
-    """The plan for a receiver already told about an event that this version no longer routes to (labels such as
-    ``watch`` or ``severity`` change between versions: a block opened in a watch window can clear after it). The
-    first route naming the receiver gives its language and timers; else the defaults."""
+def _plan(settings: Settings, receiver: str, r: AlertRoute | None) -> Plan:
+    """A receiver's plan under route ``r`` (its language and timers where set), else the defaults."""
     a = settings.alerts
-    r = next((r for r in a.routes if receiver in r.receivers), None)
     return Plan(
         Receiver.parse(receiver),
         (r.language if r else None) or a.language,
@@ -113,6 +96,13 @@ def follow_up(settings: Settings, receiver: str) -> Plan:
         a.group_interval_seconds if r is None or r.group_interval_seconds is None else r.group_interval_seconds,
         a.repeat_interval_seconds if r is None or r.repeat_interval_seconds is None else r.repeat_interval_seconds,
     )
+
+
+def follow_up(settings: Settings, receiver: str) -> Plan:
+    """The plan for a receiver already told about an event that this version no longer routes to (labels such as
+    ``watch`` or ``severity`` change between versions: a block opened in a watch window can clear after it). The
+    first route naming the receiver gives its language and timers; else the defaults."""
+    return _plan(settings, receiver, next((r for r in settings.alerts.routes if receiver in r.receivers), None))
 
 
 def addresses(settings: Settings, receiver: Receiver) -> list[str]:

@@ -218,18 +218,17 @@ class OoniClient:
         finally:
             self.in_request = False
 
-    def get_json(self, path_or_url: str, params: Mapping[str, Any] | None = None, *, lenient: bool = False) -> Any:
-        """GET and parse JSON; a 2xx that is not JSON raises ``MalformedPage`` (counted, not retried).
-
-        ``lenient``: a body orjson refuses is tried with the standard ``json`` module, which also takes escaped
-        lone surrogates (``"\\udcff"``) and numbers past a double (``1e309`` becomes ``inf``). A list page is
-        asked again every round while it is inside the look-back, so one such item would otherwise make the
-        whole page malformed for good; parsed leniently, the item alone is dead-lettered by ``normalise``.
-        """
+    def get_json(self, path_or_url: str, params: Mapping[str, Any] | None = None) -> Any:
+        """GET and parse JSON; a 2xx that is not JSON raises ``MalformedPage`` (counted, not retried)."""
         url, body = self.get_bytes(path_or_url, params)
-        return self._parse(url, body, lenient=lenient)
+        return self._parse(url, body)
 
     def _parse(self, url: str, body: bytes, *, lenient: bool = False) -> Any:
+        """``lenient`` (list pages): a body orjson refuses is tried with the standard ``json`` module, which also
+        takes escaped lone surrogates (``"\\udcff"``) and numbers past a double (``1e309`` becomes ``inf``). A
+        list page is asked again every round while it is inside the look-back, so one such item would otherwise
+        make the whole page malformed for good; parsed leniently, the item alone is dead-lettered by ``normalise``.
+        """
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError as exc:

@@ -35,6 +35,7 @@ from streams.detection import DetectionContext, Engine, StepResult
 log = logging.getLogger(__name__)
 
 TICK_FIELD = "__tick__"
+TICK_PREFIX = b'{"' + TICK_FIELD.encode()  # how a tick record starts (checked for every record)
 
 
 def tick_record(now: datetime) -> bytes:
@@ -496,7 +497,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
                     unhandled = batch[i:]
                     handled = i
                     break
-            is_tick = raw.startswith(b'{"' + TICK_FIELD.encode())
+            is_tick = raw.startswith(TICK_PREFIX)
             if is_tick and done is not None and msg.offset <= int(done):
                 continue  # a tick read again after a restart: it acted already (measurements are recognised by uid)
             try:
