@@ -42,7 +42,7 @@ from typing import Any
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # after PYTHONPATH: `make bench` puts the compiled build (`make compiled`) there
 
 from censorwatch import bus  # noqa: E402
 from censorwatch.broker import EmbeddedBroker  # noqa: E402
@@ -162,7 +162,10 @@ def machine() -> dict[str, str]:
                 mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
     except OSError:
         pass
+    import streams.detection.core as core
+
     return {
+        "detection engine": "compiled (mypyc)" if (core.__file__ or "").endswith(".so") else "pure Python",
         "cpus (os.cpu_count)": str(os.cpu_count()),
         "usable cpus (affinity)": str(len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else "?",
         "cpu": cpu,

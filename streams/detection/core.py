@@ -952,7 +952,8 @@ def _clean_run(obs: list[list[Any]], min_probes: int) -> list[Any]:
     measurements after it, their first ``min_probes`` distinct probes (counted from the newest)]."""
     clean = 0
     probes: list[str] = []
-    for o in reversed(obs):
+    for i in range(len(obs) - 1, -1, -1):  # not reversed(): mypyc cannot build that loop over list[list[Any]]
+        o = obs[i]
         if o[1] == FAILURE:
             continue
         if o[1] != OK:
