@@ -23,8 +23,11 @@ from kafka.errors import KafkaError
 
 from censorwatch import bus
 from censorwatch.config import Settings
+
+# not services.metrics: every censorwatch process imports this module (the backtest's reader), and the poller's
+# metrics would be exported by the worker and the dispatcher too
+from censorwatch.metrics_common import DEADLETTER_TOTAL
 from censorwatch.models import DeadLetter, Measurement, utcnow
-from services import metrics
 from services.normalise import NormaliseError, normalise
 
 log = logging.getLogger(__name__)
@@ -151,7 +154,7 @@ def replay(settings: Settings, files: Iterable[Path | str], *, batch: int = 500)
                 summary.produced += bus.send_all(producer, topics.measurements, good[start : start + batch], 60)
             if bad:
                 summary.deadlettered += bus.send_all(producer, topics.deadletter, bad, 60)
-                metrics.DEADLETTER_TOTAL.labels(stage="normalise").inc(len(bad))
+                DEADLETTER_TOTAL.labels(stage="normalise").inc(len(bad))
                 for _, r in rows:
                     if isinstance(r, DeadLetter):
                         log.warning("%s: dead-lettered: %s", r.source, r.reason)
