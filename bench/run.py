@@ -438,7 +438,11 @@ def bench_latency(bootstrap: str, workdir: Path, n: int) -> dict[str, float]:
                 60,
                 "the worker",
             )
-            wait(lambda: dispatcher.check() and scrape_sum(dispatcher_port, "censorwatch_") >= 0, 60, "the dispatcher")
+            wait(
+                lambda: dispatcher.check() and scrape_sum(dispatcher_port, "censorwatch_notifications_total") >= 0,
+                60,
+                "the dispatcher",
+            )
             producer = bus.producer(settings, linger_ms=0)
             # Warm-up: the worker's group join and the dispatcher's first poll are start-up, not latency.
             sent: dict[str, float] = {}
