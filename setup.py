@@ -9,6 +9,7 @@ as everything else. ``make compiled`` builds such a copy beside the sources; ``m
 from __future__ import annotations
 
 import os
+import sys
 
 from setuptools import setup
 
@@ -16,6 +17,9 @@ COMPILED = ["streams/detection/core.py", "streams/detection/stats.py"]
 
 ext_modules = []
 if os.environ.get("CENSORWATCH_COMPILE") == "1":
+    if "editable_wheel" in sys.argv:
+        # the extension would land beside its source and shadow every later edit of the .py
+        raise SystemExit("CENSORWATCH_COMPILE=1 builds a regular install, not an editable one (see make compiled)")
     try:
         from mypyc.build import mypycify
     except ImportError as e:  # an isolated build environment has no mypy
