@@ -428,11 +428,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
             log.warning("could not read where %s/%d starts", topic, partition, exc_info=True)
             return None
 
-    def handle(view: Overlay, raw: bytes) -> tuple[StepResult, Measurement | None]:
+    def handle(view: Overlay, raw: bytes, key: bytes | None) -> tuple[StepResult, Measurement | None]:
         doc = orjson.loads(raw)
         if isinstance(doc, dict) and TICK_FIELD in doc:
             now = datetime.fromisoformat(doc[TICK_FIELD])
-            return engine.tick(view, doc.get("cc") or "", now), None
+            return engine.tick(view, (key or b"").decode(), now), None  # a tick's country is its key
         m = Measurement.model_validate(doc)
         return engine.step(view, m), m
 
@@ -503,11 +503,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
             try:
                 if value is None:
                     raise ValueError("the record has no value")
-                if is_tick:
-                    doc = orjson.loads(raw)
-                    doc["cc"] = (event.key or b"").decode()
-                    raw = orjson.dumps(doc)
-                result, m = handle(view, raw)
+                result, m = handle(view, raw, event.key)
             except Exception as exc:  # whatever fails for one record is dead-lettered, never acknowledged silently
                 await dead_letter(f"{type(exc).__name__}: {exc}", raw, event.key, source)
                 tripped = guard.record(True)
