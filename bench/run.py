@@ -162,10 +162,10 @@ def machine() -> dict[str, str]:
                 mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
     except OSError:
         pass
-    import streams.detection.core as core
+    from streams.detection import COMPILED
 
     return {
-        "detection engine": "compiled (mypyc)" if (core.__file__ or "").endswith(".so") else "pure Python",
+        "detection engine": "compiled (mypyc)" if COMPILED else "pure Python",
         "cpus (os.cpu_count)": str(os.cpu_count()),
         "usable cpus (affinity)": str(len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else "?",
         "cpu": cpu,

@@ -25,12 +25,14 @@ def run(settings: Settings) -> int:
 
     from streams import metrics
     from streams.app import DeadLetterRatioExceeded, create_app
+    from streams.detection import COMPILED
 
     ensure_topics(settings)
     metrics.SERIES.cap = settings.metrics.series_cap
     if settings.metrics.worker_port:
         start_http_server(settings.metrics.worker_port, addr=settings.metrics.host)
         log.info("worker metrics on http://%s:%d/metrics", settings.metrics.host, settings.metrics.worker_port)
+    log.info("detection engine: %s", "compiled (mypyc)" if COMPILED else "pure Python")
     settings.state_dir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last folder level
     app = create_app(settings)
     worker = Worker(app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False)

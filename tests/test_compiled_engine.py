@@ -1,7 +1,7 @@
 """The optional compiled engine (``CENSORWATCH_COMPILE=1``, mypyc; see ``setup.py``) is the same engine.
 
-A build of the project with it compiled must load the compiled modules, pass the detection, replay and backtest
-tests, and give the pure engine's notices, byte for byte, on a slice of the benchmark's simulated year.
+A build of the project with it compiled must load the compiled modules, pass the engine's and the worker's tests,
+and give the pure engine's notices, byte for byte, on a slice of the benchmark's simulated year.
 """
 
 from __future__ import annotations
@@ -60,11 +60,12 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 EXPECT_COMPILED = """
-import streams.detection.core, streams.detection.stats
+import streams.detection, streams.detection.core, streams.detection.stats
 
 def pytest_configure(config):
     for module in (streams.detection.core, streams.detection.stats):
         assert module.__file__.endswith(".so"), f"testing the pure {module.__name__}, not the compiled one"
+    assert streams.detection.COMPILED
 """
 
 
@@ -85,14 +86,16 @@ def test_compiled_build_passes_the_engine_tests(compiled: Path, tmp_path: Path) 
     # --import-mode=append: pytest adds the source tree after the build under test, not before it; the plugin
     # checks that the engine the tests import is the compiled one
     (tmp_path / "expect_compiled.py").write_text(EXPECT_COMPILED)
-    tests = [str(ROOT / "tests" / f"test_{name}.py") for name in ("detection", "replay", "backtest", "simulate")]
+    # the engine's own tests, and the worker's: the service image runs the compiled engine in the worker, where
+    # mypyc's run-time type checks meet state read back from the changelog (the worker processes inherit the path)
+    names = ("detection", "replay", "backtest", "simulate", "worker", "faults_worker")
+    tests = [str(ROOT / "tests" / f"test_{name}.py") for name in names]
     pytest = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "expect_compiled", "--import-mode=append"]
-    run = _run(
-        [*pytest, "--rootdir", str(ROOT), *tests],
-        compiled,
-        tmp_path,
-    )
+    inner = tmp_path / "inner"
+    run = _run([*pytest, "--rootdir", str(ROOT), "--basetemp", str(inner), *tests], compiled, tmp_path)
     assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
+    starts = [log.read_text() for log in inner.rglob("worker*.log")]
+    assert starts and all("detection engine: compiled (mypyc)" in text for text in starts)  # its worker processes
 
 
 def test_compiled_engine_gives_the_same_notices(compiled: Path, tmp_path: Path) -> None:

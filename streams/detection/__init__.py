@@ -3,6 +3,7 @@
 See docs/detection.md for the method. The contract other modules code against is re-exported here.
 """
 
+from streams.detection import core as _core
 from streams.detection.context import DetectionContext, Window
 from streams.detection.core import (
     Engine,
@@ -15,7 +16,11 @@ from streams.detection.core import (
 )
 from streams.detection.stats import cusum_up, wilson
 
+# built by mypyc (CENSORWATCH_COMPILE=1, setup.py): the same source, faster; said at start and in the bench
+COMPILED = not (_core.__file__ or "").endswith(".py")
+
 __all__ = [
+    "COMPILED",
     "DetectionContext",
     "Engine",
     "StepResult",
