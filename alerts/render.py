@@ -23,7 +23,7 @@ import yaml
 
 from alerts import escape
 from alerts.countries import country_name
-from censorwatch.models import EXPLORER, AsnEvidence, Event, EventAction, EventKind
+from censorwatch.models import EXPLORER, AsnEvidence, Event, EventAction, EventKind, method_names
 
 SHIPPED = Path(__file__).resolve().parent / "templates"
 LANGUAGES = ("en", "km")
@@ -62,7 +62,6 @@ EVENT_FIELDS = (
 )
 DIGEST_FIELDS = ("date", "recipient", "opened", "changed", "resolved", "gaps", "silenced", "silences")
 HEARTBEAT_FIELDS = ("now", "delivered", "failed", "pending")
-METHOD_NAMES = {"dns": "DNS", "tcp_ip": "TCP/IP", "http-failure": "HTTP failure", "http-diff": "HTTP diff"}
 SLACK_SECTION_LIMIT = 3000
 CHART_DAYS = 14
 
@@ -157,10 +156,6 @@ def _when(value: datetime | None, never: str) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if value else never
 
 
-def _methods(methods: Iterable[str]) -> str:
-    return ", ".join(METHOD_NAMES.get(m, m) for m in methods)
-
-
 def _pct(x: float) -> str:
     return f"{round(max(0.0, min(1.0, x)) * 100):d}%"
 
@@ -221,7 +216,7 @@ class Renderer:
             else:
                 n = len(blocked_networks(event)) or len(event.asns)
                 isps = t.phrase("isps_one") if n == 1 else t.phrase("isps_many", n=n)
-                methods = _methods(event.methods)
+                methods = method_names(event.methods)
                 key = "headline_blocked" if methods else "headline_blocked_no_method"
                 text = t.phrase(key, target=target, country=country, isps=isps, methods=methods)
         else:
@@ -265,10 +260,11 @@ class Renderer:
                 "asn_line",
                 asn=a.asn,
                 name=escape.one_line(a.name) or "?",
+                network=escape.one_line(f"AS{a.asn} {a.name}".strip()),  # no "?" where the name is unknown
                 blocked=a.blocked,
                 total=a.total,
                 probes=a.probes,
-                methods=_methods(a.methods) or t.phrase("no_method"),
+                methods=method_names(a.methods) or t.phrase("no_method"),
                 first_seen=_when(a.first_seen, never),
             )
             networks.append({Fmt.SLACK: "• {}", Fmt.HTML: "<li>{}</li>", Fmt.TEXT: "- {}"}[fmt].format(line(raw)))
@@ -300,7 +296,7 @@ class Renderer:
             "networks": "\n".join(networks) or line(never),
             "cleared": block(t.phrase("cleared", asns=cleared) if cleared else ""),
             "already_blocked": block(t.phrase("already_blocked") if event.already_blocked else "", slack="_{}_"),
-            "methods": line(_methods(event.methods) or t.phrase("no_method")),
+            "methods": line(method_names(event.methods) or t.phrase("no_method")),
             "first_seen": line(_when(event.first_seen, never)),
             "last_seen": line(_when(event.last_seen, never)),
             "measurements": measurements,

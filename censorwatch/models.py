@@ -7,6 +7,7 @@ producer and consumer agrees on the shape and a bad record fails in one place wi
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -23,6 +24,15 @@ def utcnow() -> datetime:
 
 def explorer_measurement_url(uid: str) -> str:
     return f"{EXPLORER}/m/{uid}"
+
+
+# How a blocking method is named to people (alerts, summaries); the codes are OONI's blocking types and ours.
+METHOD_NAMES = {"dns": "DNS", "tcp_ip": "TCP/IP", "http-failure": "HTTP failure", "http-diff": "HTTP diff"}
+
+
+def method_names(methods: Iterable[str]) -> str:
+    """``["dns", "tcp_ip"]`` -> ``"DNS, TCP/IP"``; an unknown code is shown as it is."""
+    return ", ".join(METHOD_NAMES.get(m, m) for m in methods)
 
 
 class Outcome(enum.StrEnum):

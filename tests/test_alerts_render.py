@@ -63,6 +63,14 @@ def test_evidence_and_links(en: Renderer) -> None:
     assert "axis_x=measurement_start_day&axis_y=probe_asn" in url
 
 
+def test_a_network_without_a_known_name_is_its_number(en: Renderer) -> None:
+    e = event(1, EventAction.OPENED, [asn(20294, name=""), asn(17976, methods=("dns", "tcp_ip"))])
+    text = en.email(e).text
+    assert "- AS20294: 5 of 6 measurements" in text and "?" not in text.split("Networks")[1].split("\n\n")[0]
+    assert "- AS17976 Cambodia Telecom: 5 of 6 measurements, 3 probes, DNS, TCP/IP," in text
+    assert "AS20294៖ 5/6" in Renderer("km").email(e).text
+
+
 def test_already_blocked_and_simulated_are_said(en: Renderer) -> None:
     e = event(1, EventAction.OPENED, [asn(38901)], already_blocked=True, simulated=True)
     slack = en.slack(e)

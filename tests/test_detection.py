@@ -140,6 +140,14 @@ def test_event_grows_across_asns_and_method_switch_is_same_event() -> None:
     assert [e.version for e in events] == list(range(1, len(events) + 1))
 
 
+def test_a_method_switch_is_said_in_words() -> None:
+    ms = clean(range(0, 100, 5)) + [msm(100 + i, anomaly=True) for i in range(4)]
+    ms += [msm(110 + i, anomaly=True, method="tcp_ip") for i in range(4)]
+    _, events, _ = run(ms)
+    assert [e.action for e in events] == [EventAction.OPENED, EventAction.UPDATED]
+    assert events[1].summary == "blocking method now DNS, TCP/IP (same event)"  # not the codes dns, tcp_ip
+
+
 def test_warmup_already_blocked() -> None:
     _, events, _ = run([msm(i, anomaly=True) for i in range(5)])
     assert events[0].action == EventAction.OPENED and events[0].already_blocked

@@ -37,6 +37,7 @@ from censorwatch.models import (
     Measurement,
     Outcome,
     explorer_measurement_url,
+    method_names,
 )
 from streams.detection.context import DetectionContext
 from streams.detection.stats import cusum_up, llr_weights, wilson
@@ -344,11 +345,8 @@ class Engine:
                     )
             elif ev["m"] != old_methods:
                 ev["v"] += 1
-                events.append(
-                    self._target_event(
-                        ev, cc, target, EventAction.UPDATED, t, f"blocking method now {', '.join(ev['m'])} (same event)"
-                    )
-                )
+                summary = f"blocking method now {method_names(ev['m'])} (same event)"
+                events.append(self._target_event(ev, cc, target, EventAction.UPDATED, t, summary))
             changes[ekey] = ev
         elif before == BLOCKED and after != BLOCKED and ev and ev.get("open") and str(asn) in ev["a"]:
             ev, notice = self._leave(ev, cc, target, asn, t)
