@@ -26,13 +26,21 @@ def explorer_measurement_url(uid: str) -> str:
     return f"{EXPLORER}/m/{uid}"
 
 
-# How a blocking method is named to people (alerts, summaries); the codes are OONI's blocking types and ours.
-METHOD_NAMES = {"dns": "DNS", "tcp_ip": "TCP/IP", "http-failure": "HTTP failure", "http-diff": "HTTP diff"}
+# How a blocking method is named to people (alerts, summaries); the codes are OONI's blocking types and the
+# engine's: "fingerprint" (confirmed by a known fingerprint, no type given), "unspecified" (an anomaly, no type).
+METHOD_NAMES = {
+    "dns": "DNS",
+    "tcp_ip": "TCP/IP",
+    "http-failure": "HTTP failure",
+    "http-diff": "HTTP diff",
+    "fingerprint": "fingerprint match",
+}
 
 
 def method_names(methods: Iterable[str]) -> str:
-    """``["dns", "tcp_ip"]`` -> ``"DNS, TCP/IP"``; an unknown code is shown as it is."""
-    return ", ".join(METHOD_NAMES.get(m, m) for m in methods)
+    """``["dns", "tcp_ip"]`` -> ``"DNS, TCP/IP"``; "unspecified" says nothing and is left out (empty if that is all:
+    the caller says "method unknown"); an unknown code is shown as it is."""
+    return ", ".join(METHOD_NAMES.get(m, m) for m in methods if m != "unspecified")
 
 
 class Outcome(enum.StrEnum):

@@ -63,6 +63,14 @@ def test_evidence_and_links(en: Renderer) -> None:
     assert "axis_x=measurement_start_day&axis_y=probe_asn" in url
 
 
+def test_every_country_has_a_name_and_unspecified_methods_say_nothing(en: Renderer) -> None:
+    e = event(1, EventAction.OPENED, [asn(37061, methods=("unspecified",))], cc="KE", methods=["unspecified"])
+    assert en.headline(e) == "www.rfa.org blocked in Kenya on 1 ISP"  # not "in KE on 1 ISP — unspecified"
+    assert "Methods: method unknown" in en.email(e).text
+    mixed = event(1, EventAction.OPENED, [asn(1, methods=("dns", "unspecified"))], methods=["dns", "unspecified"])
+    assert en.headline(mixed).endswith("on 1 ISP — DNS")
+
+
 def test_a_network_without_a_known_name_is_its_number(en: Renderer) -> None:
     e = event(1, EventAction.OPENED, [asn(20294, name=""), asn(17976, methods=("dns", "tcp_ip"))])
     text = en.email(e).text

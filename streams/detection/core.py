@@ -345,7 +345,7 @@ class Engine:
                     )
             elif ev["m"] != old_methods:
                 ev["v"] += 1
-                summary = f"blocking method now {method_names(ev['m'])} (same event)"
+                summary = f"blocking method now {method_names(ev['m']) or 'not specified'} (same event)"
                 events.append(self._target_event(ev, cc, target, EventAction.UPDATED, t, summary))
             changes[ekey] = ev
         elif before == BLOCKED and after != BLOCKED and ev and ev.get("open") and str(asn) in ev["a"]:
