@@ -23,7 +23,7 @@ import yaml
 
 from alerts import escape
 from alerts.countries import country_name
-from censorwatch.models import EXPLORER, AsnEvidence, Event, EventAction, EventKind, method_names
+from censorwatch.models import EXPLORER, SIM_MARK, AsnEvidence, Event, EventAction, EventKind, method_names
 
 SHIPPED = Path(__file__).resolve().parent / "templates"
 LANGUAGES = ("en", "km")
@@ -156,6 +156,11 @@ def _when(value: datetime | None, never: str) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if value else never
 
 
+def _simulated_link(url: str) -> bool:
+    """A link to a simulated measurement (its uid's last part starts with the mark): no such page on Explorer."""
+    return url.startswith(f"{EXPLORER}/m/") and url.startswith(SIM_MARK, url.rfind("_") + 1)
+
+
 def _pct(x: float) -> str:
     return f"{round(max(0.0, min(1.0, x)) * 100):d}%"
 
@@ -269,7 +274,8 @@ class Renderer:
             )
             networks.append({Fmt.SLACK: "• {}", Fmt.HTML: "<li>{}</li>", Fmt.TEXT: "- {}"}[fmt].format(line(raw)))
         cleared = ", ".join(f"AS{n}" for n in event.cleared_asns)
-        links = [(u, t.phrase("measurement", n=i)) for i, u in enumerate(event.explorer_links[:5], start=1)]
+        real = [u for u in event.explorer_links if not _simulated_link(u)]  # those would be Explorer's "not found"
+        links = [(u, t.phrase("measurement", n=i)) for i, u in enumerate(real[:5], start=1)]
         chart = (chart_url(event), t.phrase("chart"))
         if fmt is Fmt.SLACK:
             measurements = ", ".join(escape.slack_link(u, label) for u, label in links)

@@ -71,6 +71,15 @@ def test_every_country_has_a_name_and_unspecified_methods_say_nothing(en: Render
     assert en.headline(mixed).endswith("on 1 ISP — DNS")
 
 
+def test_simulated_measurements_are_not_linked(en: Renderer) -> None:
+    sim = "https://explorer.ooni.org/m/20230706191259.000000_KH_webconnectivity_sim015cfddccada"
+    real = "https://explorer.ooni.org/m/20230706191259.000000_KH_webconnectivity_abc"
+    e = event(1, EventAction.OPENED, [asn(1)], simulated=True, explorer_links=[sim, real])
+    for text in (en.email(e).text, en.email(e).html, str(en.slack(e).root.blocks)):
+        assert "_sim015" not in text and "20230706191259.000000_KH_webconnectivity_abc" in text
+        assert "explorer.ooni.org/chart/mat" in text  # the chart of real measurements stays
+
+
 def test_a_network_without_a_known_name_is_its_number(en: Renderer) -> None:
     e = event(1, EventAction.OPENED, [asn(20294, name=""), asn(17976, methods=("dns", "tcp_ip"))])
     text = en.email(e).text
