@@ -16,14 +16,24 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from string import Template
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import urlencode
 
 import yaml
 
 from alerts import escape
 from alerts.countries import country_name
-from censorwatch.models import EXPLORER, SIM_MARK, AsnEvidence, Event, EventAction, EventKind, method_names
+from censorwatch.models import (
+    EXPLORER,
+    SIM_MARK,
+    AsnEvidence,
+    Change,
+    ChangeKind,
+    Event,
+    EventAction,
+    EventKind,
+    method_names,
+)
 
 SHIPPED = Path(__file__).resolve().parent / "templates"
 LANGUAGES = ("en", "km")
@@ -231,6 +241,28 @@ class Renderer:
             text = f"[{t.phrase('simulated')}] {text}"
         return escape.one_line(text)
 
+    def summary(self, event: Event) -> str:
+        """What this version says happened, in this language (raw): from ``event.change`` where the strings have
+        a phrase for it, else the engine's English ``summary`` (older events, or a phrase missing)."""
+        t, c = self.t, event.change
+        key = f"change_{c.what}{'_already' if c.since else ''}" if c is not None else ""
+        if c is None or key not in t.strings:
+            return event.summary
+        name = next((a.name for a in event.asns if a.asn == c.asn), "")
+        text = t.phrase(
+            key,
+            target=escape.one_line(event.target),
+            country=country_name(event.cc, self.language),
+            network=escape.one_line(f"AS{c.asn} {name}".strip()) if c.asn is not None else "?",
+            isps=t.phrase("isps_one") if c.isps == 1 else t.phrase("isps_many", n=c.isps),
+            methods=method_names(event.methods) or t.phrase("no_method"),
+            blocked=c.blocked,
+            total=c.total,
+            hours=c.hours,
+            since=c.since,
+        )
+        return f"[{t.phrase('simulated')}] {text}" if event.simulated else text
+
     def _network(self, event: Event) -> str:
         name = next((a.name for a in event.asns if a.asn == event.asn), "")
         label = f"AS{event.asn}" if event.asn is not None else "?"
@@ -289,7 +321,7 @@ class Renderer:
         return {
             "headline": line(self.headline(event)),
             "action": line(self._action(event, reminder)),
-            "summary": block(event.summary),
+            "summary": block(self.summary(event)),
             "evidence": line(
                 t.phrase(
                     "evidence",
@@ -432,5 +464,8 @@ class Renderer:
                 e = sample.model_copy(update={"kind": kind, "action": action, "asn": 1})
                 self.slack(e)
                 self.email(e)
+        for what in get_args(ChangeKind):  # every phrase of what changed, with and without "already blocked"
+            for since in ("", "2024-01-01"):
+                self.summary(sample.model_copy(update={"change": Change(what=what, asn=1, isps=2, since=since)}))
         self.digest("2024-01-01", "a@b.c", [DigestItem("opened", "x")], ["s"])
         self.heartbeat(datetime.now(UTC), 0, 0, 0)

@@ -157,6 +157,37 @@ class AsnEvidence(BaseModel):
     already_blocked: bool = Field(default=False, description="blocked when monitoring began")
 
 
+ChangeKind = Literal[
+    "opened",  # one ISP's series crossed the bar
+    "opened_pooled",  # the evidence pooled across ISPs did
+    "joined",
+    "cleared",
+    "resolved",
+    "methods",
+    "revised",  # late measurements changed the evidence
+    "outage_opened",
+    "outage_resolved",
+    "gap_opened",
+    "gap_resolved",
+    "gap_window_ended",
+]
+
+
+class Change(BaseModel):
+    """What one version of an event says happened, as data: the renderer puts it in the reader's language
+    (``Event.summary`` says it in English, for logs and for readers of older events)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    what: ChangeKind
+    asn: int | None = None  # the network it is about
+    isps: int = 0  # networks in the event after it
+    blocked: int = 0  # of total: measurements (revised) or targets (outages)
+    total: int = 0
+    hours: int = 0  # silent for (coverage gaps)
+    since: str = ""  # the day a series was first measured, when it was already blocked then
+
+
 class Event(Wire):
     """An incident as a rapid-response team sees it: one per (cc, target) or (cc, ASN), growing over time.
 
@@ -186,7 +217,8 @@ class Event(Wire):
     already_blocked: bool = False
     severity: Literal["info", "warning", "critical"] = "warning"
     watch: str | None = Field(default=None, description="watch window label routing can match on")
-    summary: str = Field(default="", description="one line of what changed in this version")
+    summary: str = Field(default="", description="one line of what changed in this version (English)")
+    change: Change | None = Field(default=None, description="the same as data, for the reader's language")
     explorer_links: list[str] = Field(default_factory=list, description="a few measurements as evidence")
     simulated: bool = Field(default=False, description="from simulated data: must say so wherever shown")
     emitted_at: datetime = Field(default_factory=utcnow)

@@ -16,7 +16,7 @@ from alerts import escape
 from alerts.render import Renderer, TemplateError, chart_url
 from alerts.sinks import EmailSink
 from censorwatch.config import EmailSettings
-from censorwatch.models import EventAction, EventKind
+from censorwatch.models import Change, EventAction, EventKind
 from tests.fakes.events import asn, event, life
 
 HOSTILE = [
@@ -97,6 +97,28 @@ def test_already_blocked_and_simulated_are_said(en: Renderer) -> None:
     assert mail.subject.startswith("[censorwatch] New: [SIMULATED]")
     assert "SIMULATED DATA" in mail.text and "SIMULATED DATA" in mail.html
     assert "Already blocked when monitoring began" in mail.text
+
+
+def test_what_changed_is_said_in_the_readers_language(en: Renderer) -> None:
+    change = Change(what="joined", asn=17976, isps=3)
+    e = event(2, EventAction.UPDATED, [asn(38901), asn(17976), asn(24416)], summary="English", change=change)
+    assert en.summary(e) == "AS17976 Cambodia Telecom joined: www.rfa.org now blocked on 3 ISPs"
+    km = Renderer("km")
+    assert km.summary(e) == "AS17976 Cambodia Telecom ក៏បិទដែរ៖ ឥឡូវ www.rfa.org ត្រូវបានបិទលើ ក្រុមហ៊ុនអ៊ីនធឺណិត 3"
+    assert "ក៏បិទដែរ" in km.email(e).text and "English" not in km.email(e).text
+    assert en.summary(e.model_copy(update={"change": None})) == "English"  # older events: the engine's words
+    already = Change(what="opened", asn=38901, isps=1, since="2023-07-01")
+    first = event(1, EventAction.OPENED, [asn(38901)], change=already, simulated=True)
+    assert en.summary(first) == (
+        "[SIMULATED] www.rfa.org already blocked when monitoring began (first measured 2023-07-01) in Cambodia on "
+        "AS38901 EZECOM"
+    )
+
+
+def test_a_bad_phrase_of_what_changed_fails_at_start(tmp_path: Path) -> None:
+    (tmp_path / "strings.yaml").write_text('change_cleared: "$network cleared on $nowhere"\n')
+    with pytest.raises(TemplateError, match="change_cleared"):
+        Renderer("en", templates_dir=tmp_path)
 
 
 def test_outage_and_coverage_gap_headlines(en: Renderer) -> None:

@@ -140,6 +140,22 @@ def test_event_grows_across_asns_and_method_switch_is_same_event() -> None:
     assert [e.version for e in events] == list(range(1, len(events) + 1))
 
 
+def test_each_notice_says_what_changed_as_data() -> None:
+    ms = clean(range(0, 100, 5), asn=1) + clean(range(0, 100, 5), asn=2)
+    ms += [msm(100 + i, asn=1, anomaly=True) for i in range(4)]
+    ms += [msm(110 + i, asn=2, anomaly=True) for i in range(4)]
+    ms += [msm(120 + i, asn=1, anomaly=True, method="tcp_ip") for i in range(4)]
+    ms += clean(range(130, 400, 3), asn=1) + clean(range(130, 400, 3), asn=2)
+    ms.sort(key=lambda m: m.start_time)
+    _, events, _ = run(ms)
+    changes = [e.change for e in events]
+    assert all(c is not None for c in changes)
+    assert [c.what for c in changes if c] == ["opened", "joined", "methods", "cleared", "resolved"]
+    opened, joined, _, cleared, resolved = [c for c in changes if c]
+    assert (opened.asn, opened.isps, opened.since) == (1, 1, "")
+    assert (joined.asn, joined.isps) == (2, 2) and cleared.isps == 1 and resolved.asn in (1, 2)
+
+
 def test_a_method_switch_is_said_in_words() -> None:
     ms = clean(range(0, 100, 5)) + [msm(100 + i, anomaly=True) for i in range(4)]
     ms += [msm(110 + i, anomaly=True, method="tcp_ip") for i in range(4)]

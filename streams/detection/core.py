@@ -31,6 +31,7 @@ from typing import Any, Literal
 from censorwatch.config import DetectionSettings
 from censorwatch.models import (
     AsnEvidence,
+    Change,
     Event,
     EventAction,
     EventKind,
@@ -250,6 +251,7 @@ class Engine:
                     t,
                     sim,
                     f"AS{asn} {self._name(asn)} is sending measurements again".strip(),
+                    Change(what="gap_resolved", asn=asn),
                 )
             )
 
@@ -341,12 +343,14 @@ class Engine:
                             EventAction.REVISED,
                             t,
                             f"late measurements revised the evidence on AS{asn} ({asn_ev['k']} of {asn_ev['n']})",
+                            change=Change(what="revised", asn=asn, blocked=asn_ev["k"], total=asn_ev["n"]),
                         )
                     )
             elif ev["m"] != old_methods:
                 ev["v"] += 1
                 summary = f"blocking method now {method_names(ev['m']) or 'not specified'} (same event)"
-                events.append(self._target_event(ev, cc, target, EventAction.UPDATED, t, summary))
+                change = Change(what="methods", isps=len(ev["a"]))
+                events.append(self._target_event(ev, cc, target, EventAction.UPDATED, t, summary, change=change))
             changes[ekey] = ev
         elif before == BLOCKED and after != BLOCKED and ev and ev.get("open") and str(asn) in ev["a"]:
             ev, notice = self._leave(ev, cc, target, asn, t)
@@ -406,12 +410,16 @@ class Engine:
                         False,
                         f"AS{asn} {name} silent for {silent_h:.0f} h during a watch window"
                         " — ask volunteers to test".replace("  ", " "),
+                        Change(what="gap_opened", asn=asn, hours=round(silent_h)),
                     )
                 )
             elif is_open and gap is not None and not active:
                 gap = {**gap, "open": False, "v": gap["v"] + 1}
                 changes[gkey] = gap
-                events.append(self._gap_event(gap, cc, asn, EventAction.RESOLVED, t, False, "watch window ended"))
+                ended = Change(what="gap_window_ended", asn=asn)
+                events.append(
+                    self._gap_event(gap, cc, asn, EventAction.RESOLVED, t, False, "watch window ended", ended)
+                )
         counters: dict[str, int] = {}
         if len(events) > self.cfg.max_alerts_per_run:
             counters["capped"] = len(events) - self.cfg.max_alerts_per_run
@@ -640,8 +648,15 @@ class Engine:
         ev["ab"] = any(e.get("ab") for e in ev["a"].values())
         changes[event_state_key(cc, target)] = ev
         what = notice.summary.removeprefix("[SIMULATED] ").split(" on AS")[0]
+        since = notice.change.since if notice.change else ""
         return self._target_event(
-            ev, cc, target, EventAction.OPENED, now, f"{what} on {len(ev['a'])} ISPs (evidence pooled across ISPs)"
+            ev,
+            cc,
+            target,
+            EventAction.OPENED,
+            now,
+            f"{what} on {len(ev['a'])} ISPs (evidence pooled across ISPs)",
+            change=Change(what="opened_pooled", isps=len(ev["a"]), since=since),
         )
 
     @staticmethod
@@ -758,7 +773,13 @@ class Engine:
             changes[okey] = out
             events.append(
                 self._outage_event(
-                    out, cc, asn, EventAction.OPENED, now, f"{n_bad} of {n_recent} targets failing at once"
+                    out,
+                    cc,
+                    asn,
+                    EventAction.OPENED,
+                    now,
+                    f"{n_bad} of {n_recent} targets failing at once",
+                    Change(what="outage_opened", asn=asn, blocked=n_bad, total=n_recent),
                 )
             )
             is_open = True
@@ -767,7 +788,13 @@ class Engine:
             changes[okey] = out
             events.append(
                 self._outage_event(
-                    out, cc, asn, EventAction.RESOLVED, now, f"only {n_bad} of {n_recent} targets failing now"
+                    out,
+                    cc,
+                    asn,
+                    EventAction.RESOLVED,
+                    now,
+                    f"only {n_bad} of {n_recent} targets failing now",
+                    Change(what="outage_resolved", asn=asn, blocked=n_bad, total=n_recent),
                 )
             )
             is_open = False
@@ -792,12 +819,11 @@ class Engine:
                 "ab": bool(asn_ev["ab"]),
                 "sim": sim,
             }
-            if new["ab"]:
-                what = f"already blocked when monitoring began (first measured {_iso(float(series['f0']))[:10]})"
-            else:
-                what = "blocked"
+            since = _iso(float(series["f0"]))[:10] if new["ab"] else ""
+            what = f"already blocked when monitoring began (first measured {since})" if since else "blocked"
             summary = f"{target} {what} in {cc} on AS{asn} {name}".rstrip()
-            return new, self._target_event(new, cc, target, EventAction.OPENED, t, summary)
+            change = Change(what="opened", asn=asn, isps=1, since=since)
+            return new, self._target_event(new, cc, target, EventAction.OPENED, t, summary, change=change)
         ev = dict(ev)
         ev["a"] = {**ev["a"], str(asn): asn_ev}
         ev["cl"] = [a for a in ev["cl"] if a != asn]
@@ -805,7 +831,8 @@ class Engine:
         ev["v"] += 1
         ev["sim"] = bool(ev.get("sim")) or sim
         summary = f"AS{asn} {name} joined: {target} now blocked on {len(ev['a'])} ISPs".replace("  ", " ")
-        return ev, self._target_event(ev, cc, target, EventAction.UPDATED, t, summary)
+        change = Change(what="joined", asn=asn, isps=len(ev["a"]))
+        return ev, self._target_event(ev, cc, target, EventAction.UPDATED, t, summary, change=change)
 
     def _leave(self, ev: dict[str, Any], cc: str, target: str, asn: int, t: float) -> tuple[dict[str, Any], Event]:
         ev = dict(ev)
@@ -816,7 +843,8 @@ class Engine:
         if members:
             ev["a"] = members
             summary = f"AS{asn} cleared: {target} still blocked on {len(members)} ISPs"
-            return ev, self._target_event(ev, cc, target, EventAction.UPDATED, t, summary)
+            change = Change(what="cleared", asn=asn, isps=len(members))
+            return ev, self._target_event(ev, cc, target, EventAction.UPDATED, t, summary, change=change)
         ev["open"] = False
         ev["last"] = gone  # keep the final evidence for the resolved notice
         ev["a"] = {str(asn): {**gone, "ls": t}}
@@ -828,6 +856,7 @@ class Engine:
             t,
             f"{target} no longer blocked in {cc}: the last ISP (AS{asn}) cleared",
             cleared=True,
+            change=Change(what="resolved", asn=asn),
         )
         ev["a"] = {}
         return ev, notice
@@ -847,6 +876,7 @@ class Engine:
         summary: str,
         *,
         cleared: bool = False,
+        change: Change | None = None,
     ) -> Event:
         state = "ok" if cleared else "blocked"
         asns = [
@@ -898,13 +928,14 @@ class Engine:
             severity=self._severity(ev, watch),
             watch=watch,
             summary=("[SIMULATED] " if sim else "") + summary,
+            change=change,
             explorer_links=[explorer_measurement_url(u) for u in uids[-LINKS_PER_EVENT:]],
             simulated=sim,
             emitted_at=_dt(t),
         )
 
     def _outage_event(
-        self, out: dict[str, Any], cc: str, asn: int, action: EventAction, t: float, summary: str
+        self, out: dict[str, Any], cc: str, asn: int, action: EventAction, t: float, summary: str, change: Change
     ) -> Event:
         name = self._name(asn)
         sim = bool(out.get("sim"))
@@ -922,12 +953,21 @@ class Engine:
             summary=("[SIMULATED] " if sim else "")
             + f"AS{asn} {name}: {summary} (outage or network-wide "
             "block; per-target alerts on this network are held back)".replace("  ", " "),
+            change=change,
             simulated=sim,
             emitted_at=_dt(t),
         )
 
     def _gap_event(
-        self, gap: dict[str, Any], cc: str, asn: int, action: EventAction, t: float, sim: bool, summary: str
+        self,
+        gap: dict[str, Any],
+        cc: str,
+        asn: int,
+        action: EventAction,
+        t: float,
+        sim: bool,
+        summary: str,
+        change: Change,
     ) -> Event:
         return Event(
             event_id=gap["id"],
@@ -940,6 +980,7 @@ class Engine:
             last_seen=_dt(float(gap["last"])),
             severity="warning",
             summary=("[SIMULATED] " if sim else "") + summary,
+            change=change,
             simulated=sim,
             emitted_at=_dt(t),
         )
