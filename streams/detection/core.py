@@ -647,8 +647,9 @@ class Engine:
         ev["v"] = version  # one notice for the whole opening, carrying every ASN that joined
         ev["ab"] = any(e.get("ab") for e in ev["a"].values())
         changes[event_state_key(cc, target)] = ev
-        what = notice.summary.removeprefix("[SIMULATED] ").split(" on AS")[0]
         since = notice.change.since if notice.change else ""
+        what = f"{target} already blocked when monitoring began (first measured {since}) in {cc}" if since else ""
+        what = what or f"{target} blocked in {cc}"
         return self._target_event(
             ev,
             cc,
