@@ -177,6 +177,7 @@ def _hostile_event(text: str) -> object:
         [asn(38901, name=text), asn(17976)],
         target=text,
         summary=text,
+        change=Change(what="joined", asn=38901, isps=2),  # the hostile name and target through a phrase too
         explorer_links=[f"https://explorer.ooni.org/m/{text}", text],
     )
 
@@ -245,7 +246,8 @@ def test_links_never_break_out(url: str, label: str) -> None:
 @given(st.text(min_size=1, max_size=80), st.text(max_size=80))
 def test_renderers_keep_hostile_names_inert(target: str, name: str) -> None:
     r = _RENDERER
-    e = event(1, EventAction.OPENED, [asn(38901, name=name)], target=target, summary=target)
+    change = Change(what="opened", asn=38901, isps=1)
+    e = event(1, EventAction.OPENED, [asn(38901, name=name)], target=target, summary=target, change=change)
     s = r.slack(e)
     for part in [s.root.text, s.reply.text, *_slack_texts(s.root.blocks), *_slack_texts(s.reply.blocks)]:
         _assert_safe_slack(part)
