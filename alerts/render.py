@@ -166,6 +166,15 @@ def _when(value: datetime | None, never: str) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if value else never
 
 
+def _network_label(event: Event, asn: int | None, name: str | None = None) -> str:
+    """ "AS38901 EZECOM", or the number alone where the network's name is unknown (raw, one line)."""
+    if asn is None:
+        return "?"
+    if name is None:
+        name = next((a.name for a in event.asns if a.asn == asn), "")
+    return escape.one_line(f"AS{asn} {name}".strip())
+
+
 def _simulated_link(url: str) -> bool:
     """A link to a simulated measurement (its uid's last part starts with the mark): no such page on Explorer."""
     return url.startswith(f"{EXPLORER}/m/") and url.startswith(SIM_MARK, url.rfind("_") + 1)
@@ -236,7 +245,9 @@ class Renderer:
                 text = t.phrase(key, target=target, country=country, isps=isps, methods=methods)
         else:
             prefix = "headline_outage" if event.kind is EventKind.NETWORK_OUTAGE else "headline_gap"
-            text = t.phrase(prefix + ("_resolved" if resolved else ""), network=self._network(event), country=country)
+            text = t.phrase(
+                prefix + ("_resolved" if resolved else ""), network=_network_label(event, event.asn), country=country
+            )
         if event.simulated:
             text = f"[{t.phrase('simulated')}] {text}"
         return escape.one_line(text)
@@ -248,12 +259,11 @@ class Renderer:
         key = f"change_{c.what}{'_already' if c.since else ''}" if c is not None else ""
         if c is None or key not in t.strings:
             return event.summary
-        name = next((a.name for a in event.asns if a.asn == c.asn), "")
         text = t.phrase(
             key,
             target=escape.one_line(event.target),
             country=country_name(event.cc, self.language),
-            network=escape.one_line(f"AS{c.asn} {name}".strip()) if c.asn is not None else "?",
+            network=_network_label(event, c.asn),
             isps=t.phrase("isps_one") if c.isps == 1 else t.phrase("isps_many", n=c.isps),
             methods=method_names(event.methods) or t.phrase("no_method"),
             blocked=c.blocked,
@@ -262,11 +272,6 @@ class Renderer:
             since=c.since,
         )
         return f"[{t.phrase('simulated')}] {text}" if event.simulated else text
-
-    def _network(self, event: Event) -> str:
-        name = next((a.name for a in event.asns if a.asn == event.asn), "")
-        label = f"AS{event.asn}" if event.asn is not None else "?"
-        return escape.one_line(f"{label} {name}".strip())
 
     def _action(self, event: Event, reminder: bool) -> str:
         return self.t.phrase("action_reminder" if reminder else f"action_{event.action.value}")
@@ -297,7 +302,7 @@ class Renderer:
                 "asn_line",
                 asn=a.asn,
                 name=escape.one_line(a.name) or "?",
-                network=escape.one_line(f"AS{a.asn} {a.name}".strip()),  # no "?" where the name is unknown
+                network=_network_label(event, a.asn, a.name),
                 blocked=a.blocked,
                 total=a.total,
                 probes=a.probes,
