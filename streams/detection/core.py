@@ -876,8 +876,8 @@ class Engine:
         t: float,
         summary: str,
         *,
+        change: Change,
         cleared: bool = False,
-        change: Change | None = None,
     ) -> Event:
         state = "ok" if cleared else "blocked"
         asns = [
