@@ -79,12 +79,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 class _Stop:
-    """Turns SIGTERM/SIGINT into a flag so the supervisor can stop children in order."""
+    """Turns SIGTERM/SIGINT/SIGHUP into a flag so the supervisor can stop children in order (a closed terminal
+    sends SIGHUP: unhandled, it killed ``up`` alone and left the broker and the services running)."""
 
     def __init__(self) -> None:
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
@@ -123,7 +124,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             return 130
         exe = [sys.executable, "-m", "censorwatch"]
         for name in ("worker", "dispatch", "poll"):
-            children[name] = subprocess.Popen([*exe, name], env=env)
+            # a process group of its own, as the broker's: the terminal's Ctrl-C reaches only us, and we stop the
+            # services in order (all at once, the dispatcher could stop before the worker's last notices)
+            children[name] = subprocess.Popen([*exe, name], env=env, process_group=0)
             log.info("started %s (pid %d)", name, children[name].pid)
         print("censorwatch is up: poller, worker and dispatcher running. Ctrl-C stops everything.", flush=True)
         failed = False
@@ -154,6 +157,7 @@ def _stop_children(children: dict[str, subprocess.Popen[bytes]], timeout: float 
             log.warning("%s did not stop in %.0f s; killing it", name, timeout)
             proc.kill()
             proc.wait()
+        log.info("stopped %s (exit status %s)", name, proc.returncode)
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {

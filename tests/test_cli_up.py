@@ -26,7 +26,8 @@ def _children(pid: int) -> set[int]:
             except OSError:
                 continue
             parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = set(), {pid}
+    found: set[int] = set()
+    frontier = {pid}
     while frontier:
         frontier = {p for p, parent in parents.items() if parent in frontier} - found
         found |= frontier
@@ -76,7 +77,10 @@ def test_up_runs_everything_shows_alerts_on_the_console_and_stops_cleanly(tmp_pa
     )
     log_path = tmp_path / "up.log"
     with log_path.open("wb") as out:
-        up = subprocess.Popen([sys.executable, "-m", "censorwatch", "up"], env=env, stdout=out, stderr=out)
+        # a process group of its own, as a shell's foreground job: the Ctrl-C below goes to the whole group
+        up = subprocess.Popen(
+            [sys.executable, "-m", "censorwatch", "up"], env=env, stdout=out, stderr=out, start_new_session=True
+        )
     try:
 
         def log() -> str:
@@ -112,10 +116,31 @@ def test_up_runs_everything_shows_alerts_on_the_console_and_stops_cleanly(tmp_pa
         alert_line = next(line for line in log().splitlines() if "ALERT" in line and "www.rfa.org" in line)
         assert "blocked" in alert_line.lower()
 
-        up.send_signal(signal.SIGTERM)
+        os.killpg(up.pid, signal.SIGINT)  # Ctrl-C in the terminal
         assert up.wait(60) == 0, log()[-4000:]
         wait_until(lambda: not any(_alive(p) for p in descendants), 10, "every child process to exit")
+        # `up` alone got the Ctrl-C and stopped the services in order: no new input, then detection, then delivery
+        stops = [line.split("stopped ")[1].split(" ")[0] for line in log().splitlines() if "cli: stopped " in line]
+        assert stops == ["poll", "worker", "dispatch"], log()[-4000:]
+        assert "SIGTERM received: stopping the poller" in log() and "dispatcher: signal 15" in log()
+        assert "SIGINT received: stopping the poller" not in log()
     finally:
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def test_a_closed_terminal_stops_up_like_ctrl_c() -> None:
+    """A closed terminal sends SIGHUP: unhandled, it killed ``up`` alone and left the broker and services running."""
+    from censorwatch.cli import _Stop
+
+    signums = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    before = {signum: signal.getsignal(signum) for signum in signums}
+    try:
+        stop = _Stop()
+        assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN)  # else the kill ends pytest
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_until(lambda: stop.requested, 5, "the stop flag")
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
