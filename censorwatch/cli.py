@@ -85,6 +85,8 @@ class _Stop:
     def __init__(self) -> None:
         self.requested = False
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            if signum == signal.SIGHUP and signal.getsignal(signum) is signal.SIG_IGN:
+                continue  # started under nohup: keep running when the terminal goes
             signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -124,9 +126,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             return 130
         exe = [sys.executable, "-m", "censorwatch"]
         for name in ("worker", "dispatch", "poll"):
-            # a process group of its own, as the broker's: the terminal's Ctrl-C reaches only us, and we stop the
-            # services in order (all at once, the dispatcher could stop before the worker's last notices)
-            children[name] = subprocess.Popen([*exe, name], env=env, process_group=0)
+            # a session of its own, as the broker's: the terminal's Ctrl-C and hang-up reach only us, and we stop
+            # the services in order (all at once, the dispatcher could stop before the worker's last notices); no
+            # controlling terminal either, so a terminal set to stop background writers cannot freeze one
+            children[name] = subprocess.Popen([*exe, name], env=env, start_new_session=True)
             log.info("started %s (pid %d)", name, children[name].pid)
         print("censorwatch is up: poller, worker and dispatcher running. Ctrl-C stops everything.", flush=True)
         failed = False

@@ -131,12 +131,17 @@ def test_up_runs_everything_shows_alerts_on_the_console_and_stops_cleanly(tmp_pa
 
 
 def test_a_closed_terminal_stops_up_like_ctrl_c() -> None:
-    """A closed terminal sends SIGHUP: unhandled, it killed ``up`` alone and left the broker and services running."""
+    """A closed terminal sends SIGHUP: unhandled, it killed ``up`` alone and left the broker running. Under nohup
+    it is ignored, and stays so."""
     from censorwatch.cli import _Stop
 
     signums = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     before = {signum: signal.getsignal(signum) for signum in signums}
     try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # under nohup: the hang-up is not ours to act on
+        _Stop()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         stop = _Stop()
         assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN)  # else the kill ends pytest
         os.kill(os.getpid(), signal.SIGHUP)
