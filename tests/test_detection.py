@@ -164,6 +164,18 @@ def test_a_method_switch_is_said_in_words() -> None:
     assert events[1].summary == "blocking method now DNS, TCP/IP (same event)"  # not the codes dns, tcp_ip
 
 
+def test_an_anomaly_without_a_method_sends_no_update() -> None:
+    ms = clean(range(0, 100, 5)) + [msm(100 + i, anomaly=True) for i in range(4)]
+    ms += [msm(110 + i, anomaly=True, method=None) for i in range(4)]  # no blocking type: nothing new to say
+    ms += [msm(120 + i, anomaly=True, method="tcp_ip") for i in range(4)]
+    _, events, _ = run(ms)
+    assert [(e.action, e.methods) for e in events] == [
+        (EventAction.OPENED, ["dns"]),
+        (EventAction.UPDATED, ["dns", "tcp_ip", "unspecified"]),
+    ]
+    assert events[1].summary == "blocking method now DNS, TCP/IP (same event)"
+
+
 def test_warmup_already_blocked() -> None:
     _, events, _ = run([msm(i, anomaly=True) for i in range(5)])
     assert events[0].action == EventAction.OPENED and events[0].already_blocked
