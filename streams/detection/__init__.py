@@ -3,6 +3,8 @@
 See docs/detection.md for the method. The contract other modules code against is re-exported here.
 """
 
+from importlib.machinery import EXTENSION_SUFFIXES
+
 from streams.detection import core as _core
 from streams.detection.context import DetectionContext, Window
 from streams.detection.core import (
@@ -17,7 +19,7 @@ from streams.detection.core import (
 from streams.detection.stats import cusum_up, wilson
 
 # built by mypyc (CENSORWATCH_COMPILE=1, setup.py): the same source, faster; said at start and in the bench
-COMPILED = not (_core.__file__ or "").endswith(".py")
+COMPILED = (_core.__file__ or "").endswith(tuple(EXTENSION_SUFFIXES))
 
 __all__ = [
     "COMPILED",
