@@ -346,7 +346,9 @@ class Engine:
                             change=Change(what="revised", asn=asn, blocked=asn_ev["k"], total=asn_ev["n"]),
                         )
                     )
-            elif method_names(ev["m"]) != method_names(old_methods):  # "unspecified" joining says nothing new
+            elif ev["m"] != old_methods and method_names(ev["m"]) != method_names(old_methods):
+                # (names only when the codes changed: this runs for every measurement of a blocked series;
+                # "unspecified" joining says nothing new)
                 ev["v"] += 1
                 summary = f"blocking method now {method_names(ev['m']) or 'not specified'} (same event)"
                 change = Change(what="methods", isps=len(ev["a"]))
